@@ -1,0 +1,54 @@
+"""Structured JSON logs for every process, one object per line on stderr."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from typing import Any
+
+import orjson
+
+_RESERVED = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None)).keys()) | {
+    "message",
+    "asctime",
+    "taskName",
+}
+
+
+class JsonFormatter(logging.Formatter):
+    """Render a record as one JSON object; `extra={...}` fields become top-level keys."""
+
+    def __init__(self, component: str) -> None:
+        super().__init__()
+        self._component = component
+        self._pid = os.getpid()
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "component": self._component,
+            "logger": record.name,
+            "msg": record.getMessage(),
+            "pid": self._pid,
+        }
+        for key, value in record.__dict__.items():
+            if key not in _RESERVED and not key.startswith("_"):
+                entry[key] = value
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return orjson.dumps(entry, default=str).decode()
+
+
+def configure(component: str, level: str | None = None) -> None:
+    """Route all logging through the JSON formatter. Idempotent."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter(component))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel((level or os.environ.get("APIGW_LOG_LEVEL", "INFO")).upper())
+    for noisy in ("aiohttp.access", "urllib3", "streamlit"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)

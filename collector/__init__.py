@@ -1,0 +1,1 @@
+"""Stream to ClickHouse: consumes request events from Redis and owns the ClickHouse schema."""

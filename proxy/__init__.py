@@ -1,0 +1,1 @@
+"""The data plane: routes, enforces policies, forwards, and emits one event per request."""

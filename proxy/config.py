@@ -1,0 +1,232 @@
+"""The gateway configuration: a declarative YAML file validated by pydantic.
+
+`load_config(path)` interpolates `${VAR}` / `${VAR:-default}` from the environment, parses the
+YAML and validates it; any problem raises `ConfigError` whose message names the file, the path
+inside it and what was expected.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from proxy.policy import Mode, Policy
+
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+_ROUTE_ID = re.compile(r"^[A-Za-z0-9._-]{1,100}$")
+_HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Timeouts(_Strict):
+    connect_s: float = Field(default=2.0, gt=0, le=300)
+    read_s: float = Field(default=30.0, gt=0, le=3600)
+    total_s: float = Field(default=60.0, gt=0, le=3600)
+
+
+class Upstream(_Strict):
+    url: Annotated[str, Field(description="Base URL, e.g. http://127.0.0.1:9001")]
+    timeouts: Timeouts = Field(default_factory=Timeouts)
+    max_connections: int = Field(default=256, gt=0, le=100_000)
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not re.match(r"^https?://[^/\s]+(/[^\s]*)?$", value):
+            raise ValueError("must be an http:// or https:// URL with a host")
+        return value.rstrip("/")
+
+
+class RouteMatch(_Strict):
+    path: str | None = Field(default=None, description="A template such as /orders/{id}.")
+    prefix: str | None = Field(default=None, description="Matches this path and everything below.")
+
+    @model_validator(mode="after")
+    def _one_of(self) -> RouteMatch:
+        if (self.path is None) == (self.prefix is None):
+            raise ValueError("set exactly one of `path` or `prefix`")
+        value = self.path if self.path is not None else self.prefix
+        assert value is not None
+        if not value.startswith("/"):
+            raise ValueError("`path`/`prefix` must start with '/'")
+        return self
+
+
+class Route(_Strict):
+    id: str
+    match: RouteMatch
+    methods: list[str] = Field(default_factory=lambda: ["GET", "HEAD", "POST", "PUT", "PATCH",
+                                                        "DELETE", "OPTIONS"])
+    upstream: str
+    strip_prefix: bool = False
+
+    @field_validator("id")
+    @classmethod
+    def _id_shape(cls, value: str) -> str:
+        if not _ROUTE_ID.match(value):
+            raise ValueError("must be 1-100 characters of letters, digits and ._-")
+        return value
+
+    @field_validator("methods")
+    @classmethod
+    def _known_methods(cls, value: list[str]) -> list[str]:
+        upper = [method.upper() for method in value]
+        unknown = sorted(set(upper) - _HTTP_METHODS)
+        if unknown:
+            raise ValueError(f"unknown HTTP method(s) {unknown}")
+        return upper
+
+    @property
+    def template(self) -> str:
+        """The route template recorded as `http_route` in events."""
+        if self.match.path is not None:
+            return self.match.path
+        assert self.match.prefix is not None
+        return self.match.prefix.rstrip("/") + "/*"
+
+
+class Identity(_Strict):
+    client_id_header: str = Field(
+        default="X-Client-Id",
+        description="Header that names the client when the route has no authentication. "
+                    "It is an unverified claim; authenticated principals take precedence.")
+    trusted_proxies: list[str] = Field(default_factory=list,
+                                       description="CIDRs whose X-Forwarded-For is believed.")
+
+
+class Events(_Strict):
+    enabled: bool = True
+    batch_size: int = Field(default=500, gt=0, le=100_000)
+    flush_interval_ms: int = Field(default=200, gt=0, le=60_000)
+    buffer_max: int = Field(default=100_000, gt=0, le=10_000_000,
+                            description="Events held while Redis is unreachable; then dropped.")
+    stream_maxlen: int = Field(default=1_000_000, gt=0,
+                               description="Approximate bound on the stream's length (entries).")
+    redact_query_params: list[str] = Field(default_factory=lambda: [
+        "api_key", "apikey", "key", "token", "access_token", "id_token", "refresh_token",
+        "password", "passwd", "secret", "client_secret", "signature", "sig", "code", "auth"])
+
+
+class RateLimit(_Strict):
+    fail_mode: Literal["open", "closed"] = Field(
+        default="open", description="Redis unreachable: open = local limiter, closed = 503.")
+    expected_replicas: int = Field(default=1, gt=0, le=10_000,
+                                   description="Local fallback divides limits by this.")
+    policy_refresh_s: float = Field(default=1.0, gt=0, le=60,
+                                    description="Safety-net poll of the policy version.")
+    policies: list[Policy] = Field(default_factory=list,
+                                   description="Baseline policies seeded into Redis at start.")
+
+    @field_validator("policies")
+    @classmethod
+    def _unique_ids(cls, value: list[Policy]) -> list[Policy]:
+        seen: set[str] = set()
+        for policy in value:
+            if policy.id in seen:
+                raise ValueError(f"duplicate policy id {policy.id!r}")
+            seen.add(policy.id)
+        return value
+
+
+class GatewayConfig(_Strict):
+    version: Literal[1] = 1
+    upstreams: dict[str, Upstream]
+    routes: list[Route] = Field(min_length=1)
+    identity: Identity = Field(default_factory=Identity)
+    events: Events = Field(default_factory=Events)
+    ratelimit: RateLimit = Field(default_factory=RateLimit)
+
+    @model_validator(mode="after")
+    def _references(self) -> GatewayConfig:
+        ids: set[str] = set()
+        for index, route in enumerate(self.routes):
+            if route.id in ids:
+                raise ValueError(f"routes[{index}].id {route.id!r} is used twice")
+            ids.add(route.id)
+            if route.upstream not in self.upstreams:
+                raise ValueError(f"routes[{index}].upstream {route.upstream!r} is not one of "
+                                 f"the upstreams {sorted(self.upstreams)}")
+        for index, policy in enumerate(self.ratelimit.policies):
+            if policy.route_id != "*" and policy.route_id not in ids:
+                raise ValueError(f"ratelimit.policies[{index}].route_id {policy.route_id!r} "
+                                 "names no route")
+        return self
+
+    def route(self, route_id: str) -> Route | None:
+        return next((route for route in self.routes if route.id == route_id), None)
+
+    def enforced_policy_count(self) -> int:
+        return sum(policy.mode is Mode.ENFORCE for policy in self.ratelimit.policies)
+
+
+class ConfigError(Exception):
+    """A configuration file that cannot be used; the message says where and why."""
+
+
+def interpolate(text: str, environ: Mapping[str, str], source: str) -> str:
+    """Replace ${VAR} and ${VAR:-default}; an unset ${VAR} without default is an error."""
+
+    def replace(match: re.Match[str]) -> str:
+        name, default = match.group(1), match.group(2)
+        if name in environ:
+            return environ[name]
+        if default is not None:
+            return default
+        line = text.count("\n", 0, match.start()) + 1
+        raise ConfigError(f"{source}:{line}: environment variable {name} is not set and "
+                          f"${{{name}}} has no default (write ${{{name}:-value}})")
+
+    return _ENV_REF.sub(replace, text)
+
+
+def _format_location(loc: tuple[int | str, ...]) -> str:
+    path = ""
+    for part in loc:
+        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+    return path or "(top level)"
+
+
+def parse_config(text: str, source: str = "<config>",
+                 environ: Mapping[str, str] | None = None) -> GatewayConfig:
+    expanded = interpolate(text, os.environ if environ is None else environ, source)
+    try:
+        document: Any = yaml.safe_load(expanded)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source}: not valid YAML: {exc}") from exc
+    if not isinstance(document, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level, "
+                          f"got {type(document).__name__}")
+    try:
+        return GatewayConfig.model_validate(document)
+    except ValidationError as exc:
+        lines = [f"{source}: {exc.error_count()} problem(s):"]
+        for error in exc.errors():
+            lines.append(f"  {_format_location(error['loc'])}: {error['msg']}"
+                         + (f" (got {error['input']!r})"
+                            if error["type"] not in ("missing",) and
+                            not isinstance(error["input"], dict | list) else ""))
+        raise ConfigError("\n".join(lines)) from None
+
+
+def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> GatewayConfig:
+    file = Path(path)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{file}: cannot read: {exc.strerror}") from exc
+    return parse_config(text, str(file), environ)
+
+
+def config_version(config: GatewayConfig) -> str:
+    """A short content hash identifying this configuration."""
+    return hashlib.sha256(config.model_dump_json().encode()).hexdigest()[:12]

@@ -1,0 +1,99 @@
+"""The request event: one flat record per request, the contract between proxy and collector.
+
+Field names follow the OpenTelemetry HTTP semantic conventions with dots replaced by
+underscores (`http.request.method` -> `http_request_method`), so the same name is used in
+Python, on the wire and as the ClickHouse column. Gateway facts have plain names.
+Never put the Authorization header, cookies or credential query parameters in an event.
+
+Wire format on the Redis Stream: one stream entry per batch, fields
+`v` (schema version) and `b` (an orjson array of event objects). See docs/events.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Final
+
+import orjson
+
+SCHEMA_VERSION: Final = 1
+
+
+@dataclass(slots=True)
+class RequestEvent:
+    """What the gateway knows about one request once it has answered it."""
+
+    timestamp: float  # request start, seconds since the epoch (UTC)
+    request_id: str
+    http_request_method: str
+    url_path: str
+    http_response_status_code: int
+    duration_ms: float  # gateway time, first byte in to last byte out
+    schema_version: int = SCHEMA_VERSION
+    trace_id: str = ""
+    span_id: str = ""
+    gateway_instance: str = ""
+    route_id: str = ""  # "" when no route matched
+    http_route: str = ""  # the route template, e.g. /orders/{id}; "" when unmatched
+    url_query: str = ""  # with credential parameters redacted
+    url_scheme: str = "http"
+    server_address: str = ""  # the Host the client asked for
+    network_protocol_version: str = "1.1"
+    client_address: str = ""
+    user_agent_original: str = ""
+    http_request_body_size: int = 0
+    http_response_body_size: int = 0
+    upstream: str = ""  # the upstream target, host:port
+    upstream_duration_ms: float = 0.0
+    error_type: str = ""  # "" when the request succeeded; else a class, e.g. upstream_timeout
+    auth_outcome: str = "none"  # none | success | failure
+    auth_reason: str = ""  # failure class: missing, malformed, bad_signature, expired, ...
+    client_id: str = ""
+    api_key_id: str = ""
+    tenant: str = ""
+    plan: str = ""
+    ratelimit_outcome: str = "none"  # none | allowed | limited | shadow_limited | error
+    ratelimit_policy_id: str = ""
+    ratelimit_mode: str = ""  # enforce | shadow | off
+    cache_outcome: str = "none"  # none | hit | miss | bypass
+    retries: int = 0
+
+
+EVENT_FIELDS: Final[tuple[str, ...]] = tuple(f.name for f in dataclasses.fields(RequestEvent))
+
+
+def encode_batch(events: list[RequestEvent]) -> bytes:
+    """Serialise a batch of events to the wire format's `b` field."""
+    return orjson.dumps(events)
+
+
+class EventDecodeError(ValueError):
+    """A stream entry that is not a valid event batch (a poison entry)."""
+
+
+def decode_batch(version: bytes | str, payload: bytes) -> list[dict[str, Any]]:
+    """Parse a stream entry back into event dicts; raise EventDecodeError if it is poison."""
+    try:
+        schema = int(version)
+    except (TypeError, ValueError) as exc:
+        raise EventDecodeError(f"schema version {version!r} is not an integer") from exc
+    if schema != SCHEMA_VERSION:
+        raise EventDecodeError(f"unsupported event schema version {schema}")
+    try:
+        items = orjson.loads(payload)
+    except orjson.JSONDecodeError as exc:
+        raise EventDecodeError(f"payload is not JSON: {exc}") from exc
+    if not isinstance(items, list) or not all(isinstance(item, dict) for item in items):
+        raise EventDecodeError("payload is not a JSON array of objects")
+    for item in items:
+        missing = [name for name in _REQUIRED if name not in item]
+        if missing:
+            raise EventDecodeError(f"event lacks required fields {missing}")
+    return items
+
+
+_REQUIRED: Final = tuple(
+    f.name for f in dataclasses.fields(RequestEvent)
+    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+)

@@ -1,0 +1,140 @@
+"""The policy record: the contract between whoever sets limits and the proxy that enforces them.
+
+A policy says who it applies to (route, method, key-by, optionally one key value), the limit,
+the mode, and its provenance (source, version, expiry, who changed it and why). Policies are
+seeded from the gateway YAML (source=config), and changed at runtime by operators and the
+analytics job through `proxy.policy_store.PolicyStore`. See docs/policies.md.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from enum import StrEnum
+from typing import Annotated, Final
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+ANY: Final = "*"
+_KEY_PART = re.compile(r"^(client_id|api_key|ip|tenant|header:[A-Za-z0-9-]{1,64})$")
+_POLICY_ID = re.compile(r"^[A-Za-z0-9._:@/-]{1,200}$")
+
+
+class Mode(StrEnum):
+    ENFORCE = "enforce"  # reject over-limit requests with 429
+    SHADOW = "shadow"  # count and record "would have limited", never reject
+    OFF = "off"  # not evaluated
+
+
+class Source(StrEnum):
+    CONFIG = "config"
+    OPERATOR = "operator"
+    ANALYTICS = "analytics"
+
+
+class Algorithm(StrEnum):
+    GCRA = "gcra"  # token bucket semantics: `limit` per `window_s`, bursts up to `burst`
+
+
+class Policy(BaseModel):
+    """One rate-limit policy. `limit` requests per `window_s` per distinct key."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: Annotated[str, Field(description="Stable identity; a change bumps `version`.")]
+    route_id: str = Field(default=ANY, description="Route it applies to, or * for all routes.")
+    method: str = Field(default=ANY, description="HTTP method it applies to, or *.")
+    key_by: str = Field(default="client_id",
+                        description="What a separate budget is kept for: client_id, api_key, ip, "
+                                    "tenant, header:<Name>, or several joined by '+'.")
+    match_key: str | None = Field(default=None,
+                                  description="When set, applies only to this one key value "
+                                              "(a targeted limit for one client).")
+    tenant: str | None = Field(default=None, description="When set, applies only to this tenant.")
+    algorithm: Algorithm = Algorithm.GCRA
+    limit: int = Field(gt=0, le=10_000_000, description="Requests allowed per window.")
+    window_s: float = Field(gt=0, le=86_400 * 31, description="Window length in seconds.")
+    burst: int | None = Field(default=None, gt=0, le=10_000_000,
+                              description="Largest burst; defaults to `limit`.")
+    mode: Mode = Mode.ENFORCE
+    source: Source = Source.CONFIG
+    version: int = Field(default=1, ge=1)
+    expires_at: float | None = Field(default=None, description="Epoch seconds; None = never.")
+    updated_at: float = Field(default_factory=time.time)
+    updated_by: str = "config"
+    reason: str = ""
+
+    @field_validator("id")
+    @classmethod
+    def _id_shape(cls, value: str) -> str:
+        if not _POLICY_ID.match(value):
+            raise ValueError("must be 1-200 characters of letters, digits and ._:@/-")
+        return value
+
+    @field_validator("method")
+    @classmethod
+    def _method_upper(cls, value: str) -> str:
+        return value.upper()
+
+    @field_validator("key_by")
+    @classmethod
+    def _key_by_parts(cls, value: str) -> str:
+        parts = value.split("+")
+        bad = [part for part in parts if not _KEY_PART.match(part)]
+        if bad:
+            raise ValueError(f"unknown key part(s) {bad}; use client_id, api_key, ip, tenant "
+                             "or header:<Name>, joined by '+'")
+        return value
+
+    @model_validator(mode="after")
+    def _burst_default(self) -> Policy:
+        if self.burst is None:
+            object.__setattr__(self, "burst", self.limit)
+        return self
+
+    def is_expired(self, now: float | None = None) -> bool:
+        return self.expires_at is not None and (now or time.time()) >= self.expires_at
+
+    @property
+    def specificity(self) -> int:
+        """Higher wins when several policies match a request."""
+        return ((self.match_key is not None) * 8 + (self.route_id != ANY) * 4
+                + (self.method != ANY) * 2 + (self.tenant is not None) * 1)
+
+    def applies_to(self, route_id: str, method: str, tenant: str) -> bool:
+        return ((self.route_id == ANY or self.route_id == route_id)
+                and (self.method == ANY or self.method == method)
+                and (self.tenant is None or self.tenant == tenant))
+
+    def to_json(self) -> str:
+        return self.model_dump_json()
+
+    @classmethod
+    def from_json(cls, raw: str | bytes) -> Policy:
+        return cls.model_validate_json(raw)
+
+
+class RedisKeys:
+    """The Redis key layout shared by the proxy, the analytics job and the control plane.
+
+    All keys live under one prefix. Rate-limit state keys carry a hash tag per counter so each
+    check touches one slot on Redis Cluster.
+    """
+
+    def __init__(self, prefix: str = "apigw") -> None:
+        self.prefix = prefix
+        self.policies = f"{prefix}:policies"  # hash: policy id -> Policy JSON (current version)
+        self.policies_version = f"{prefix}:policies:version"  # int, bumped on every change
+        self.policies_channel = f"{prefix}:policies:changed"  # pub/sub: policy id per change
+        self.audit = f"{prefix}:audit"  # stream of audit records
+        self.recommendations = f"{prefix}:recommendations"  # hash: id -> Recommendation JSON
+        self.auto_mode = f"{prefix}:analytics:auto_mode"  # hash: route group -> off|recommend|auto
+        self.kill_switch = f"{prefix}:analytics:kill_switch"  # "1" stops automatic changes
+        self.analytics_lock = f"{prefix}:analytics:leader"  # lease held by the acting instance
+
+    def policy_history(self, policy_id: str) -> str:
+        """List of every version of one policy, newest first."""
+        return f"{self.prefix}:policy_history:{policy_id}"
+
+    def ratelimit(self, policy_id: str, version: int, key: str) -> str:
+        return f"{self.prefix}:rl:{{{policy_id}:{key}}}:{version}"
