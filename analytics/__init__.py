@@ -1,0 +1,1 @@
+"""Features, detectors, recommendations, policy write-back and the control-plane API."""
