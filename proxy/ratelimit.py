@@ -1,0 +1,313 @@
+"""Rate limiting: GCRA in Redis (atomic script, one key per check), in-process, and failover.
+
+Semantics (both backends, see docs/policies.md): emission interval T = window_s / limit.
+A fresh key may send `burst` requests at once; after that one request per T is allowed, so
+the sustained rate is `limit` per `window_s`. Over any interval of length d a key gets at most
+burst + floor(d / T) requests. A denied request is told exactly when it would be allowed
+(retry_after) and when the key is back to a full burst (reset_after).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import math
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final, Literal, Protocol
+
+import redis.asyncio as aioredis
+from prometheus_client import Counter, Gauge
+
+from proxy.policy import Policy, RedisKeys
+
+log = logging.getLogger(__name__)
+
+GCRA_SCRIPT: Final = (Path(__file__).with_name("ratelimit_gcra.lua")).read_text(encoding="utf-8")
+_KEY_MAX: Final = 128  # longer client keys are hashed so state keys stay small
+
+BACKEND_ERRORS = Counter("apigw_ratelimit_backend_errors_total",
+                         "Rate-limit checks whose Redis call failed or timed out")
+DEGRADED = Gauge("apigw_ratelimit_degraded",
+                 "1 while rate limiting runs on the local fallback (Redis unavailable)")
+CHECKS = Counter("apigw_ratelimit_checks_total", "Rate-limit checks",
+                 ["backend", "outcome"])
+HYBRID_LOCAL = Counter("apigw_ratelimit_hybrid_local_total",
+                       "Hybrid checks answered from locally reserved tokens or a remembered "
+                       "denial, without a Redis round trip", ["outcome"])
+_HYBRID_COUNTERS: Final = {True: HYBRID_LOCAL.labels("allowed"),
+                           False: HYBRID_LOCAL.labels("limited")}
+_CHECK_COUNTERS: Final = {(backend, allowed): CHECKS.labels(backend, outcome)
+                          for backend in ("redis", "local")
+                          for allowed, outcome in ((True, "allowed"), (False, "limited"))}
+
+
+@dataclass(slots=True)
+class Decision:
+    allowed: bool
+    limit: int
+    remaining: int
+    retry_after_s: float  # 0 when allowed; else seconds until this request would be allowed
+    reset_after_s: float  # seconds until the key has its full burst again
+    backend: str  # "redis" | "local"
+
+
+class RateLimitUnavailable(Exception):
+    """The Redis backend is unreachable and the fail mode is closed."""
+
+
+class RateLimiter(Protocol):
+    async def check(self, policy: Policy, key: str, cost: int = 1) -> Decision: ...
+
+
+def state_key(key: str) -> str:
+    """The client key as it appears in state keys: long ones hashed, so size is bounded."""
+    if len(key) <= _KEY_MAX:
+        return key
+    return "sha256:" + hashlib.sha256(key.encode()).hexdigest()[:40]
+
+
+def _burst(policy: Policy) -> int:
+    return policy.burst if policy.burst is not None else policy.limit
+
+
+class RedisRateLimiter:
+    """GCRA as one Lua script on one key; the clock is the Redis server's (TIME)."""
+
+    def __init__(self, redis: aioredis.Redis, keys: RedisKeys) -> None:
+        self._keys = keys
+        self._script = redis.register_script(GCRA_SCRIPT)  # EVALSHA, reloads on NOSCRIPT
+
+    async def check(self, policy: Policy, key: str, cost: int = 1) -> Decision:
+        interval_us = policy.window_s * 1_000_000 / policy.limit
+        redis_key = self._keys.ratelimit(policy.id, policy.version, state_key(key))
+        reply: Any = await self._script(keys=[redis_key],
+                                        args=[repr(interval_us), _burst(policy), cost])
+        allowed, remaining, retry_us, reset_us = (int(value) for value in reply)
+        decision = Decision(allowed=allowed == 1, limit=policy.limit, remaining=remaining,
+                            retry_after_s=retry_us / 1e6, reset_after_s=reset_us / 1e6,
+                            backend="redis")
+        _CHECK_COUNTERS["redis", decision.allowed].inc()
+        return decision
+
+
+class LocalRateLimiter:
+    """The same GCRA in process memory (per worker), with limits divided by `divisor`.
+
+    Used as the fail-open fallback: with `divisor` = expected replicas, the fleet as a whole
+    stays close to the configured limit. At most `max_keys` keys are kept (least recently
+    used evicted first; an evicted key starts over with a full burst).
+    """
+
+    def __init__(self, divisor: int = 1, max_keys: int = 100_000) -> None:
+        if divisor < 1 or max_keys < 1:
+            raise ValueError("divisor and max_keys must be at least 1")
+        self.divisor = divisor
+        self.max_keys = max_keys
+        self._state: OrderedDict[tuple[str, int, str], tuple[float, int]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._state)
+
+    def limits(self, policy: Policy) -> tuple[int, int, float]:
+        """(limit, burst, interval_s) this limiter applies for `policy`."""
+        limit = max(1, policy.limit // self.divisor)
+        burst = max(1, _burst(policy) // self.divisor)
+        return limit, burst, policy.window_s / limit
+
+    async def check(self, policy: Policy, key: str, cost: int = 1) -> Decision:
+        return self.check_now(policy, key, cost)
+
+    def check_now(self, policy: Policy, key: str, cost: int = 1,
+                  now: float | None = None) -> Decision:
+        limit, burst, interval = self.limits(policy)
+        at = time.monotonic() if now is None else now
+        slot = (policy.id, policy.version, state_key(key))
+        base, count = self._state.get(slot, (at, 0))
+        ahead = (base - at) + count * interval
+        if ahead < 0:
+            base, count, ahead = at, 0, 0.0
+        capacity = burst * interval
+        after = ahead + cost * interval
+        if after <= capacity:
+            self._state[slot] = (base, count + cost)
+            self._state.move_to_end(slot)
+            while len(self._state) > self.max_keys:
+                self._state.popitem(last=False)
+            decision = Decision(True, limit, math.floor((capacity - after) / interval + 1e-9),
+                                0.0, after, "local")
+        else:
+            decision = Decision(False, limit,
+                                max(0, math.floor((capacity - ahead) / interval + 1e-9)),
+                                after - capacity, ahead, "local")
+        _CHECK_COUNTERS["local", decision.allowed].inc()
+        return decision
+
+
+@dataclass(slots=True)
+class _Held:
+    tokens: int  # reserved in Redis, not used yet
+    lease_until: float  # monotonic; unused tokens are given up after this
+    deny_until: float  # monotonic; Redis said no token exists before this
+    denied_cost: int
+    remaining: int  # Redis's remaining at the last reservation (informational)
+    reset_at: float
+
+
+class HybridRateLimiter:
+    """Tokens reserved from Redis in batches and spent locally, so a busy key costs one Redis
+    round trip per `batch` requests instead of one per request.
+
+    A reservation is a normal GCRA check with cost = batch (falling back to the exact cost
+    when the batch does not fit), so reserved tokens come out of the shared budget and the
+    fleet never admits more than the Redis limiter would have admitted by the time of
+    reservation. Accuracy bound: tokens reserved but not used yet are invisible to other
+    workers, so at any moment the fleet may under-admit by at most workers x (batch - 1)
+    requests, and a reserved token may be used up to `lease_s` after it was counted.
+    A denial is remembered until its retry_after, so a client hammering a limited key costs
+    no Redis round trips either. Concurrent requests for one key share one reservation.
+    """
+
+    def __init__(self, redis_limiter: RateLimiter, batch: int = 10, lease_s: float = 1.0,
+                 max_keys: int = 100_000) -> None:
+        if batch < 1 or lease_s <= 0 or max_keys < 1:
+            raise ValueError("batch and max_keys must be at least 1, lease_s positive")
+        self._redis = redis_limiter
+        self.batch = batch
+        self.lease_s = lease_s
+        self.max_keys = max_keys
+        self._held: OrderedDict[tuple[str, int, str], _Held] = OrderedDict()
+        self._pending: dict[tuple[str, int, str], asyncio.Future[None]] = {}
+
+    def batch_for(self, policy: Policy) -> int:
+        """Reservation size: at most a quarter of the burst, so small limits stay exact."""
+        return max(1, min(self.batch, _burst(policy) // 4))
+
+    async def check(self, policy: Policy, key: str, cost: int = 1) -> Decision:
+        slot = (policy.id, policy.version, state_key(key))
+        while True:  # each pass either finds tokens, a denial, or starts a reservation
+            local = self._local(slot, policy, cost)
+            if local is not None:
+                return local
+            pending = self._pending.get(slot)
+            if pending is None:
+                return await self._reserve(slot, policy, key, cost)
+            await asyncio.shield(pending)  # someone is reserving for this key: share it
+
+    def _local(self, slot: tuple[str, int, str], policy: Policy, cost: int) -> Decision | None:
+        held = self._held.get(slot)
+        if held is None:
+            return None
+        now = time.monotonic()
+        if now < held.deny_until and cost >= held.denied_cost:
+            _HYBRID_COUNTERS[False].inc()
+            return Decision(False, policy.limit, 0, held.deny_until - now,
+                            max(0.0, held.reset_at - now), "redis")
+        if held.tokens >= cost and now < held.lease_until:
+            held.tokens -= cost
+            _HYBRID_COUNTERS[True].inc()
+            return Decision(True, policy.limit, held.remaining + held.tokens, 0.0,
+                            max(0.0, held.reset_at - now), "redis")
+        return None
+
+    async def _reserve(self, slot: tuple[str, int, str], policy: Policy, key: str,
+                       cost: int) -> Decision:
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pending[slot] = future
+        try:
+            batch = max(cost, self.batch_for(policy))
+            decision = await self._redis.check(policy, key, batch)
+            taken = batch
+            if not decision.allowed and batch > cost:
+                decision = await self._redis.check(policy, key, cost)
+                taken = cost
+            now = time.monotonic()
+            held = self._held.get(slot)
+            if held is None or now >= held.lease_until:
+                held = _Held(0, 0.0, 0.0, 0, 0, 0.0)
+            if decision.allowed:
+                held.tokens += taken - cost
+                held.lease_until = now + self.lease_s
+                held.deny_until = 0.0
+            else:
+                held.deny_until = now + decision.retry_after_s
+                held.denied_cost = cost
+            held.remaining = decision.remaining
+            held.reset_at = now + decision.reset_after_s
+            self._held[slot] = held
+            self._held.move_to_end(slot)
+            while len(self._held) > self.max_keys:
+                self._held.popitem(last=False)
+            if decision.allowed:
+                decision.remaining += held.tokens
+            return decision
+        finally:
+            del self._pending[slot]
+            future.set_result(None)
+
+
+class FailoverRateLimiter:
+    """Redis first; on an error or timeout, the local limiter (open) or RateLimitUnavailable
+    (closed). After a failure Redis is not tried again for a backoff (1 s doubling to 10 s),
+    then one probe decides; a success ends the degraded state."""
+
+    def __init__(self, redis_limiter: RateLimiter, local_limiter: LocalRateLimiter,
+                 fail_mode: Literal["open", "closed"] = "open", timeout_s: float = 0.25,
+                 *, min_backoff_s: float = 1.0, max_backoff_s: float = 10.0) -> None:
+        self._redis = redis_limiter
+        self._local = local_limiter
+        self.fail_mode = fail_mode
+        self.timeout_s = timeout_s
+        self._min_backoff = min_backoff_s
+        self._max_backoff = max_backoff_s
+        self._backoff = min_backoff_s
+        self._retry_at = 0.0
+        self.degraded = False
+        self.last_error = ""
+
+    async def check(self, policy: Policy, key: str, cost: int = 1) -> Decision:
+        if self.degraded and time.monotonic() < self._retry_at:
+            return self._fallback(policy, key, cost)
+        probing = self.degraded
+        if probing:
+            self._retry_at = time.monotonic() + self._backoff  # one probe at a time
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                decision = await self._redis.check(policy, key, cost)
+        except Exception as exc:  # Redis, network, timeout, or a bad reply: same remedy
+            self._failed(exc, probing)
+            return self._fallback(policy, key, cost)
+        if self.degraded:
+            self._recovered()
+        return decision
+
+    def _fallback(self, policy: Policy, key: str, cost: int) -> Decision:
+        if self.fail_mode == "closed":
+            raise RateLimitUnavailable(f"rate-limit backend unavailable: {self.last_error}")
+        return self._local.check_now(policy, key, cost)
+
+    def _failed(self, exc: BaseException, probing: bool) -> None:
+        BACKEND_ERRORS.inc()
+        self.last_error = type(exc).__name__
+        if self.degraded:
+            if probing:
+                self._backoff = min(self._backoff * 2, self._max_backoff)
+            else:
+                return  # a request already in flight when Redis went away
+        else:
+            self.degraded = True
+            self._backoff = self._min_backoff
+            DEGRADED.set(1)
+            log.warning("rate limiting degraded: Redis unavailable", extra={
+                "error": repr(exc)[:200], "fail_mode": self.fail_mode})
+        self._retry_at = time.monotonic() + self._backoff
+
+    def _recovered(self) -> None:
+        self.degraded = False
+        self._backoff = self._min_backoff
+        self.last_error = ""
+        DEGRADED.set(0)
+        log.info("rate limiting recovered: Redis reachable again")
