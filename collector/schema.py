@@ -1,0 +1,267 @@
+"""The ClickHouse schema: versioned migrations, applied by the collector at start.
+
+Each migration is (version, name, statements). Statements are idempotent (`IF NOT EXISTS`), so
+a migration interrupted half-way is simply run again; a version is recorded in
+`schema_migrations` only after all its statements succeeded. Migrations are frozen once
+shipped: change the schema by appending a new one (e.g. `ALTER TABLE events ADD COLUMN ...`
+when the event record gains a field; tests/test_schema.py fails until you do).
+
+The DDL is plain ClickHouse SQL, portable to a server; docs/events.md gives the cluster variant
+(ReplicatedMergeTree + Distributed). Retention is not a migration (a migration takes no
+parameters): `apply_retention` sets the TTLs from the settings at every start.
+
+Deduplication: `events` and both rollup tables carry `non_replicated_deduplication_window`, so
+an insert repeated with the same `insert_deduplication_token` (the collector derives it from
+the stream entry ids) is dropped by `events` AND by the materialized views' target tables.
+Without the setting on the rollup tables, the views double-count a repeated insert.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Final
+
+from clickhouse_connect.driver.client import Client
+
+log = logging.getLogger(__name__)
+
+Migration = tuple[int, str, list[str]]
+
+DEDUPLICATION_WINDOW: Final = 10_000  # insert blocks remembered per table
+ROLLUP_TABLES: Final = ("events_1m", "events_client_1m")
+RETENTION_TABLES: Final = {"events": "toDateTime(timestamp)", "events_1m": "minute",
+                           "events_client_1m": "minute"}
+
+_EVENTS = f"""
+CREATE TABLE IF NOT EXISTS events
+(
+    timestamp DateTime64(3, 'UTC') CODEC(Delta, ZSTD(1)),
+    request_id String CODEC(ZSTD(1)),
+    http_request_method LowCardinality(String),
+    url_path String CODEC(ZSTD(1)),
+    http_response_status_code UInt16,
+    duration_ms Float64 CODEC(ZSTD(1)),
+    schema_version UInt8,
+    trace_id String CODEC(ZSTD(1)),
+    span_id String CODEC(ZSTD(1)),
+    gateway_instance LowCardinality(String),
+    route_id LowCardinality(String),
+    http_route LowCardinality(String),
+    url_query String CODEC(ZSTD(1)),
+    url_scheme LowCardinality(String),
+    server_address LowCardinality(String),
+    network_protocol_version LowCardinality(String),
+    client_address String CODEC(ZSTD(1)),
+    user_agent_original LowCardinality(String),
+    http_request_body_size UInt64 CODEC(ZSTD(1)),
+    http_response_body_size UInt64 CODEC(ZSTD(1)),
+    upstream LowCardinality(String),
+    upstream_duration_ms Float64 CODEC(ZSTD(1)),
+    error_type LowCardinality(String),
+    auth_outcome LowCardinality(String),
+    auth_reason LowCardinality(String),
+    client_id String CODEC(ZSTD(1)),
+    api_key_id String CODEC(ZSTD(1)),
+    tenant LowCardinality(String),
+    plan LowCardinality(String),
+    ratelimit_outcome LowCardinality(String),
+    ratelimit_policy_id LowCardinality(String),
+    ratelimit_mode LowCardinality(String),
+    cache_outcome LowCardinality(String),
+    retries UInt16,
+    INDEX idx_trace_id trace_id TYPE bloom_filter(0.001) GRANULARITY 1,
+    INDEX idx_request_id request_id TYPE bloom_filter(0.001) GRANULARITY 1
+)
+ENGINE = MergeTree
+PARTITION BY toDate(timestamp)
+ORDER BY (route_id, http_request_method, http_route, timestamp)
+TTL toDateTime(timestamp) + INTERVAL 30 DAY
+SETTINGS non_replicated_deduplication_window = {DEDUPLICATION_WINDOW}, ttl_only_drop_parts = 1
+"""
+
+# The client key of the per-client rollup and of distinct-client counts.
+_CLIENT = "if(client_id != '', client_id, client_address)"
+
+_EVENTS_1M = f"""
+CREATE TABLE IF NOT EXISTS events_1m
+(
+    minute DateTime('UTC'),
+    route_id LowCardinality(String),
+    http_request_method LowCardinality(String),
+    http_route LowCardinality(String),
+    requests SimpleAggregateFunction(sum, UInt64),
+    errors_5xx SimpleAggregateFunction(sum, UInt64),
+    errors_4xx SimpleAggregateFunction(sum, UInt64),
+    rate_limited SimpleAggregateFunction(sum, UInt64),
+    auth_failures SimpleAggregateFunction(sum, UInt64),
+    unmatched SimpleAggregateFunction(sum, UInt64),
+    bytes_out SimpleAggregateFunction(sum, UInt64),
+    duration_sum_ms SimpleAggregateFunction(sum, Float64),
+    duration_q AggregateFunction(quantiles(0.5, 0.95, 0.99), Float64),
+    clients AggregateFunction(uniq, String)
+)
+ENGINE = AggregatingMergeTree
+PARTITION BY toDate(minute)
+ORDER BY (route_id, http_request_method, http_route, minute)
+TTL minute + INTERVAL 30 DAY
+SETTINGS non_replicated_deduplication_window = {DEDUPLICATION_WINDOW}, ttl_only_drop_parts = 1
+"""
+
+_EVENTS_1M_MV = f"""
+CREATE MATERIALIZED VIEW IF NOT EXISTS events_1m_mv TO events_1m AS
+SELECT
+    toStartOfMinute(timestamp) AS minute,
+    route_id,
+    http_request_method,
+    http_route,
+    count() AS requests,
+    countIf(http_response_status_code >= 500) AS errors_5xx,
+    countIf(http_response_status_code >= 400 AND http_response_status_code < 500) AS errors_4xx,
+    countIf(http_response_status_code = 429) AS rate_limited,
+    countIf(auth_outcome = 'failure') AS auth_failures,
+    countIf(route_id = '') AS unmatched,
+    sum(http_response_body_size) AS bytes_out,
+    sum(duration_ms) AS duration_sum_ms,
+    quantilesState(0.5, 0.95, 0.99)(duration_ms) AS duration_q,
+    uniqState({_CLIENT}) AS clients
+FROM events
+GROUP BY minute, route_id, http_request_method, http_route
+"""
+
+_EVENTS_CLIENT_1M = f"""
+CREATE TABLE IF NOT EXISTS events_client_1m
+(
+    minute DateTime('UTC'),
+    route_id LowCardinality(String),
+    http_request_method LowCardinality(String),
+    http_route LowCardinality(String),
+    client String,
+    requests SimpleAggregateFunction(sum, UInt64),
+    errors_5xx SimpleAggregateFunction(sum, UInt64),
+    errors_4xx SimpleAggregateFunction(sum, UInt64),
+    rate_limited SimpleAggregateFunction(sum, UInt64),
+    auth_failures SimpleAggregateFunction(sum, UInt64),
+    paths AggregateFunction(uniq, String)
+)
+ENGINE = AggregatingMergeTree
+PARTITION BY toDate(minute)
+ORDER BY (route_id, http_request_method, http_route, minute, client)
+TTL minute + INTERVAL 30 DAY
+SETTINGS non_replicated_deduplication_window = {DEDUPLICATION_WINDOW}, ttl_only_drop_parts = 1
+"""
+
+_EVENTS_CLIENT_1M_MV = f"""
+CREATE MATERIALIZED VIEW IF NOT EXISTS events_client_1m_mv TO events_client_1m AS
+SELECT
+    toStartOfMinute(timestamp) AS minute,
+    route_id,
+    http_request_method,
+    http_route,
+    {_CLIENT} AS client,
+    count() AS requests,
+    countIf(http_response_status_code >= 500) AS errors_5xx,
+    countIf(http_response_status_code >= 400 AND http_response_status_code < 500) AS errors_4xx,
+    countIf(http_response_status_code = 429) AS rate_limited,
+    countIf(auth_outcome = 'failure') AS auth_failures,
+    uniqState(url_path) AS paths
+FROM events
+GROUP BY minute, route_id, http_request_method, http_route, client
+"""
+
+_ANOMALIES = """
+CREATE TABLE IF NOT EXISTS anomalies
+(
+    id String,
+    detected_at DateTime64(3, 'UTC'),
+    window_start DateTime64(3, 'UTC'),
+    window_end DateTime64(3, 'UTC'),
+    route_id LowCardinality(String),
+    http_request_method LowCardinality(String),
+    http_route LowCardinality(String),
+    kind LowCardinality(String),
+    severity LowCardinality(String),
+    score Float64,
+    metric String,
+    baseline Float64,
+    observed Float64,
+    top_clients Array(String),
+    example_request_ids Array(String),
+    example_trace_ids Array(String),
+    summary String
+)
+ENGINE = MergeTree
+PARTITION BY toYYYYMM(detected_at)
+ORDER BY (detected_at, id)
+"""
+
+_SCHEMA_MIGRATIONS = """
+CREATE TABLE IF NOT EXISTS schema_migrations
+(
+    version UInt32,
+    name String,
+    applied_at DateTime('UTC')
+)
+ENGINE = ReplacingMergeTree
+ORDER BY version
+"""
+
+MIGRATIONS: Final[list[Migration]] = [
+    (1, "events", [_EVENTS]),
+    # Tables before their views: a view must never see an insert its target can't take.
+    (2, "rollups_1m", [_EVENTS_1M, _EVENTS_1M_MV, _EVENTS_CLIENT_1M, _EVENTS_CLIENT_1M_MV]),
+    (3, "anomalies", [_ANOMALIES]),
+]
+
+
+def applied_versions(client: Client) -> set[int]:
+    client.command(_SCHEMA_MIGRATIONS)
+    result = client.query("SELECT DISTINCT version FROM schema_migrations")
+    return {int(row[0]) for row in result.result_rows}
+
+
+def migrate(client: Client, migrations: list[Migration] | None = None) -> list[str]:
+    """Apply the migrations not yet recorded, in version order; return the names applied."""
+    done = applied_versions(client)
+    applied: list[str] = []
+    for version, name, statements in sorted(migrations or MIGRATIONS):
+        if version in done:
+            continue
+        for statement in statements:
+            client.command(statement)
+        client.command(
+            "INSERT INTO schema_migrations (version, name, applied_at) "
+            "VALUES ({version:UInt32}, {name:String}, now())",
+            parameters={"version": version, "name": name},
+        )
+        log.info("applied schema migration", extra={"version": version, "migration": name})
+        applied.append(name)
+    return applied
+
+
+_TTL_DAYS = re.compile(r"TTL .*?toIntervalDay\((?:_CAST\()?(\d+)")
+
+
+def retention_days(client: Client, table: str) -> int | None:
+    """The TTL in days the table has now, or None if it has none."""
+    result = client.query(
+        "SELECT engine_full FROM system.tables WHERE database = currentDatabase() "
+        "AND name = {table:String}", parameters={"table": table})
+    if not result.result_rows:
+        return None
+    match = _TTL_DAYS.search(str(result.result_rows[0][0]))
+    return int(match.group(1)) if match else None
+
+
+def apply_retention(client: Client, days: int) -> list[str]:
+    """Set the TTL of raw events and rollups to `days`; return the tables changed."""
+    changed: list[str] = []
+    for table, column in RETENTION_TABLES.items():
+        if retention_days(client, table) == days:
+            continue
+        # Table and column names come from the constant above, never from input.
+        client.command(f"ALTER TABLE {table} MODIFY TTL {column} + INTERVAL {{days:UInt32}} DAY",
+                       parameters={"days": days})
+        log.info("retention changed", extra={"table": table, "retention_days": days})
+        changed.append(table)
+    return changed
