@@ -1,0 +1,379 @@
+"""The analytics job: features -> detectors -> anomalies -> recommendations -> write-back.
+
+`AnalyticsJob.run_once` is one pass; `Scheduler` runs it every `interval_s` and on demand.
+A pass reads the per-minute rollups over the lookback (cost follows endpoints x minutes, not
+raw events), judges every window, and turns flagged windows of the last `report_minutes`
+into anomalies (ClickHouse `anomalies`, one row per endpoint + kind + window, never twice)
+and per-endpoint recommendations (Redis). Only the instance holding the leader lease writes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import hashlib
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any, Final
+
+import pandas as pd
+import redis.asyncio as aioredis
+from prometheus_client import Counter, Gauge, Histogram
+from pydantic import BaseModel, Field
+
+from analytics import features
+from analytics.detectors import (
+    ClientDominanceDetector,
+    ErrorSpikeDetector,
+    severity,
+)
+from analytics.models import Anomaly, AnomalyKind, Endpoint, Recommendation
+from analytics.recommend import LimitRecommender, build_recommendation, contributors
+from analytics.settings import AnalyticsSettings
+from analytics.writeback import LeaderLease, WriteBack
+from collector.clickhouse import SharedClient
+from proxy.policy import Mode, Policy, RedisKeys
+from proxy.policy_store import PolicyStore
+
+log = logging.getLogger(__name__)
+
+RUNS = Counter("apigw_analytics_runs_total", "Analytics runs, by outcome.", ["outcome"])
+RUN_DURATION = Histogram("apigw_analytics_run_duration_seconds", "Duration of analytics runs.",
+                         buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
+ANOMALIES = Counter("apigw_analytics_anomalies_total", "New anomalies recorded, by kind.",
+                    ["kind"])
+RECOMMENDATIONS = Counter("apigw_analytics_recommendations_total",
+                          "Recommendations created (pending) or applied, by status.", ["status"])
+LEADER = Gauge("apigw_analytics_leader", "1 while this instance holds the analytics lease.")
+LAST_SUCCESS = Gauge("apigw_analytics_last_success_timestamp_seconds",
+                     "When the last successful run finished (epoch seconds).")
+
+ANOMALY_COLUMNS: Final = [
+    "id", "detected_at", "window_start", "window_end", "route_id", "http_request_method",
+    "http_route", "kind", "severity", "score", "metric", "baseline", "observed", "top_clients",
+    "example_request_ids", "example_trace_ids", "summary",
+]
+MAX_EXAMPLE_QUERIES: Final = 50  # per run: evidence is bounded, whatever is flagged
+_METRIC_OF_KIND: Final = {AnomalyKind.ERROR_SPIKE: "errors_5xx",
+                          AnomalyKind.CLIENT_DOMINANCE: "requests"}
+
+
+class RunReport(BaseModel):
+    started_at: float
+    duration_s: float
+    endpoints: int  # endpoints with traffic in the lookback
+    anomalies: list[Anomaly] = Field(default_factory=list)  # flagged in the report window
+    recommendations: list[Recommendation] = Field(default_factory=list)
+    applied: list[str] = Field(default_factory=list)  # recommendation ids applied in this run
+    new_anomalies: int = 0  # of `anomalies`, how many were recorded by this run
+    leader: bool = False  # False: computed only, nothing written
+
+
+def anomaly_id(endpoint: Endpoint, kind: str, window_start: float) -> str:
+    digest = hashlib.sha1(f"{endpoint.key}|{kind}|{int(window_start)}".encode(),
+                          usedforsecurity=False).hexdigest()
+    return f"an-{digest[:16]}"
+
+
+def _epoch(minute: pd.Timestamp) -> float:
+    return float(minute.timestamp())
+
+
+def _utc(epoch: float) -> dt.datetime:
+    return dt.datetime.fromtimestamp(epoch, dt.UTC)
+
+
+class AnalyticsJob:
+    def __init__(self, settings: AnalyticsSettings, redis: aioredis.Redis, ch: SharedClient,
+                 store: PolicyStore) -> None:
+        self.settings = settings
+        self._ch = ch
+        self._store = store
+        keys = RedisKeys(settings.key_prefix)
+        self.lease = LeaderLease(redis, keys.analytics_lock, settings.lease_s(),
+                                 holder=settings.instance)
+        self.writeback = WriteBack(settings, redis, store)
+
+    def detectors(self) -> list[ErrorSpikeDetector | ClientDominanceDetector]:
+        s = self.settings
+        common: dict[str, Any] = {"threshold": s.score_threshold, "min_requests": s.min_requests,
+                                  "min_history": s.min_history,
+                                  "max_history": s.lookback_minutes}
+        return [
+            ErrorSpikeDetector(**common, abs_margin=s.error_rate_abs_margin,
+                               rel_margin=s.error_rate_rel_margin,
+                               spread_floor=s.error_rate_spread_floor,
+                               cold_threshold=s.error_rate_cold),
+            ClientDominanceDetector(**common, min_share=s.dominance_share,
+                                    abs_margin=s.dominance_abs_margin,
+                                    cold_threshold=s.dominance_cold_share),
+        ]
+
+    def detect(self, frame: pd.DataFrame) -> pd.DataFrame:
+        """Every window of every endpoint scored by every detector (rows concatenated)."""
+        frame = frame[frame["route_id"] != ""]  # unmatched traffic has no route to limit
+        results = [detector.detect(frame) for detector in self.detectors()]
+        return pd.concat(results, ignore_index=True) if results else pd.DataFrame()
+
+    async def run_once(self, now: float | None = None) -> RunReport:
+        started = time.perf_counter()
+        now = time.time() if now is None else now
+        try:
+            report = await self._run(now)
+        except Exception:
+            RUNS.labels(outcome="error").inc()
+            raise
+        finally:
+            RUN_DURATION.observe(time.perf_counter() - started)
+        report.duration_s = time.perf_counter() - started
+        RUNS.labels(outcome="ok").inc()
+        LAST_SUCCESS.set(time.time())
+        log.info("analytics run", extra={
+            "duration_s": round(report.duration_s, 3), "endpoints": report.endpoints,
+            "anomalies": len(report.anomalies), "new_anomalies": report.new_anomalies,
+            "recommendations": len(report.recommendations), "applied": len(report.applied),
+            "leader": report.leader})
+        return report
+
+    async def _run(self, now: float) -> RunReport:
+        s = self.settings
+        frame = await features.endpoint_minutes(self._ch, now - s.lookback_minutes * 60, now)
+        detections = self.detect(frame)
+        report = RunReport(started_at=now, duration_s=0.0,
+                           endpoints=_count_endpoints(frame[frame["route_id"] != ""]))
+        if detections.empty:
+            report.leader = await self._lead()
+            return report
+        recent_start = (now // 60) * 60 - (s.report_minutes - 1) * 60
+        minutes = pd.to_datetime(detections["minute"], utc=True)
+        flagged = detections[detections["flagged"].astype(bool)
+                             & (minutes >= pd.Timestamp(recent_start, unit="s", tz="UTC"))]
+        anomalies, client_frames, flagged_clients = await self._anomalies(flagged, now)
+        report.anomalies = anomalies
+        recommendations = await self._recommend(anomalies, client_frames, flagged_clients, now)
+        report.recommendations = recommendations
+        report.leader = await self._lead()
+        if not report.leader:
+            return report
+        report.new_anomalies = await self._record(anomalies)
+        written = await self.writeback.write(recommendations, now=now)
+        RECOMMENDATIONS.labels(status="pending").inc(len(written.created))
+        RECOMMENDATIONS.labels(status="applied").inc(len(written.applied))
+        report.recommendations = written.stored
+        report.applied = written.applied
+        return report
+
+    async def _lead(self) -> bool:
+        leader = await self.lease.acquire()
+        LEADER.set(1 if leader else 0)
+        if not leader:
+            log.info("not the analytics leader: computing only",
+                     extra={"leader": await self.lease.holder()})
+        return leader
+
+    async def _anomalies(self, flagged: pd.DataFrame, now: float,
+                         ) -> tuple[list[Anomaly], dict[Endpoint, pd.DataFrame],
+                                    dict[Endpoint, list[str]]]:
+        """Anomaly records for the flagged windows, with contributors and examples."""
+        if flagged.empty:
+            return [], {}, {}
+        s = self.settings
+        endpoints = sorted({Endpoint(route_id=str(r), method=str(m), http_route=str(h))
+                            for r, m, h in zip(flagged["route_id"], flagged["http_request_method"],
+                                               flagged["http_route"], strict=True)},
+                           key=lambda e: e.key)
+        clients = await features.client_minutes(
+            self._ch, endpoints, now - s.client_lookback_hours * 3600, now)
+        client_frames = {
+            endpoint: clients[(clients["route_id"] == endpoint.route_id)
+                              & (clients["http_request_method"] == endpoint.method)
+                              & (clients["http_route"] == endpoint.http_route)]
+            for endpoint in endpoints
+        }
+        anomalies: list[Anomaly] = []
+        flagged_clients: dict[Endpoint, list[str]] = {endpoint: [] for endpoint in endpoints}
+        example_budget = MAX_EXAMPLE_QUERIES
+        ordered = flagged.sort_values("minute", ascending=False)  # newest evidence first
+        for row in ordered.to_dict("records"):
+            endpoint = Endpoint(route_id=str(row["route_id"]),
+                                method=str(row["http_request_method"]),
+                                http_route=str(row["http_route"]))
+            kind = AnomalyKind(str(row["kind"]))
+            minute = pd.Timestamp(row["minute"])
+            window_start = _epoch(minute)
+            baseline, observed = float(row["baseline"]), float(row["observed"])
+            top = contributors(client_frames[endpoint], [minute],
+                               metric=_METRIC_OF_KIND.get(kind, "requests"),
+                               min_share=s.contributor_min_share, ratio=s.contributor_ratio)
+            for client in top:
+                if client not in flagged_clients[endpoint]:
+                    flagged_clients[endpoint].append(client)
+            request_ids: list[str] = []
+            trace_ids: list[str] = []
+            if example_budget > 0 and s.examples:
+                example_budget -= 1
+                request_ids, trace_ids = await features.examples(
+                    self._ch, endpoint, window_start, window_start + 60,
+                    min_status=500 if kind == AnomalyKind.ERROR_SPIKE else 0,
+                    client=top[0] if kind == AnomalyKind.CLIENT_DOMINANCE and top else "",
+                    limit=s.examples)
+            anomalies.append(Anomaly(
+                id=anomaly_id(endpoint, kind, window_start), detected_at=now,
+                window_start=window_start, window_end=window_start + 60, endpoint=endpoint,
+                kind=kind, severity=severity(kind, baseline, observed),
+                score=min(1.0, max(0.0, float(row["score"]))), metric=str(row["metric"]),
+                baseline=baseline, observed=observed, top_clients=top,
+                example_request_ids=request_ids, example_trace_ids=trace_ids,
+                summary=_summary(kind, endpoint, baseline, observed, int(row["requests"]), top),
+            ))
+        return anomalies, client_frames, flagged_clients
+
+    async def _recommend(self, anomalies: Sequence[Anomaly],
+                         client_frames: dict[Endpoint, pd.DataFrame],
+                         flagged_clients: dict[Endpoint, list[str]],
+                         now: float) -> list[Recommendation]:
+        if not anomalies:
+            return []
+        s = self.settings
+        effective = await self._store.effective(now)
+        recommendations: list[Recommendation] = []
+        for endpoint, frame in client_frames.items():
+            of_endpoint = [anomaly for anomaly in anomalies if anomaly.endpoint == endpoint]
+            recommender = LimitRecommender(headroom=s.headroom, floor=s.limit_floor,
+                                           window_s=s.limit_window_s)
+            recommendation = build_recommendation(
+                endpoint=endpoint, anomalies=of_endpoint, client_frame=frame,
+                flagged_clients=flagged_clients.get(endpoint, []), recommender=recommender,
+                current=current_policy(effective, endpoint),
+                span_s=s.client_lookback_hours * 3600, now=now)
+            if recommendation is None:
+                log.info("no tighter limit to recommend", extra={"endpoint": endpoint.key})
+                continue
+            recommendations.append(recommendation)
+        return recommendations
+
+    async def _record(self, anomalies: Sequence[Anomaly]) -> int:
+        """Insert the anomalies not recorded yet; return how many were inserted."""
+        if not anomalies:
+            return 0
+        since = min(anomaly.window_start for anomaly in anomalies)
+        known = await asyncio.to_thread(self._known_ids, [a.id for a in anomalies], since)
+        new = [anomaly for anomaly in anomalies if anomaly.id not in known]
+        if not new:
+            return 0
+        await asyncio.to_thread(self._insert, new)
+        for anomaly in new:
+            ANOMALIES.labels(kind=str(anomaly.kind)).inc()
+            log.info("anomaly", extra={"anomaly_id": anomaly.id, "kind": str(anomaly.kind),
+                                       "endpoint": anomaly.endpoint.key,
+                                       "summary": anomaly.summary})
+        return len(new)
+
+    def _known_ids(self, ids: list[str], since: float) -> set[str]:
+        with self._ch.lock:
+            result = self._ch.client.query(
+                "SELECT id FROM anomalies WHERE detected_at >= toDateTime64({since:Float64}, 3, "
+                "'UTC') AND id IN {ids:Array(String)}",
+                parameters={"since": since, "ids": ids})
+        return {str(row[0]) for row in result.result_rows}
+
+    def _insert(self, anomalies: Sequence[Anomaly]) -> None:
+        rows = [[a.id, _utc(a.detected_at), _utc(a.window_start), _utc(a.window_end),
+                 a.endpoint.route_id, a.endpoint.method, a.endpoint.http_route, str(a.kind),
+                 str(a.severity), a.score, a.metric, a.baseline, a.observed, a.top_clients,
+                 a.example_request_ids, a.example_trace_ids, a.summary] for a in anomalies]
+        with self._ch.lock:
+            self._ch.client.insert("anomalies", rows, column_names=ANOMALY_COLUMNS)
+
+    async def close(self) -> None:
+        """Give up the leader lease so a standby instance can act at once."""
+        try:
+            await self.lease.release()
+        except Exception:  # best effort on shutdown; the lease expires anyway
+            log.warning("could not release the analytics lease", exc_info=True)
+        LEADER.set(0)
+
+
+def current_policy(policies: Sequence[Policy], endpoint: Endpoint) -> Policy | None:
+    """The enforced policy that governs every client of the endpoint now, if any."""
+    candidates = [p for p in policies
+                  if p.mode == Mode.ENFORCE and p.match_key is None and p.tenant is None
+                  and p.applies_to(endpoint.route_id, endpoint.method, "")]
+    return max(candidates, key=lambda p: p.specificity, default=None)
+
+
+def _count_endpoints(frame: pd.DataFrame) -> int:
+    if frame.empty:
+        return 0
+    return int(frame.groupby(["route_id", "http_request_method", "http_route"]).ngroups)
+
+
+def _summary(kind: AnomalyKind, endpoint: Endpoint, baseline: float, observed: float,
+             requests: int, top: Sequence[str]) -> str:
+    where = f"{endpoint.method} {endpoint.http_route} (route {endpoint.route_id})"
+    if kind == AnomalyKind.ERROR_SPIKE:
+        text = (f"5xx rate {observed:.1%} vs baseline {baseline:.1%} over {requests} requests "
+                f"on {where}")
+    elif kind == AnomalyKind.CLIENT_DOMINANCE:
+        text = (f"top client sent {observed:.0%} of {requests} requests (baseline "
+                f"{baseline:.0%}) on {where}")
+    else:
+        text = f"{kind}: {observed:.3g} vs baseline {baseline:.3g} on {where}"
+    if top:
+        text += f"; top contributors: {', '.join(top[:3])}"
+    return text
+
+
+class Scheduler:
+    """Runs the job every `interval_s`, and at once when triggered; one run at a time."""
+
+    def __init__(self, job: AnalyticsJob, interval_s: float) -> None:
+        self.job = job
+        self.interval_s = interval_s
+        self.last_report: RunReport | None = None
+        self.last_error: str | None = None
+        self.runs = 0
+        self._wake = asyncio.Event()
+        self._lock = asyncio.Lock()
+
+    def trigger(self) -> None:
+        """Ask for a run now (the scheduled loop picks it up)."""
+        self._wake.set()
+
+    @property
+    def healthy(self) -> bool:
+        return self.last_error is None
+
+    async def run_now(self) -> RunReport:
+        """Run once, waiting for a run in progress to finish first."""
+        async with self._lock:
+            try:
+                report = await self.job.run_once()
+            except Exception as exc:
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                raise
+            self.runs += 1
+            self.last_error = None
+            self.last_report = report
+            return report
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Run until `stop` is set; then release the leader lease."""
+        try:
+            while not stop.is_set():
+                self._wake.clear()
+                try:
+                    await self.run_now()
+                except Exception:
+                    log.exception("analytics run failed")
+                waiters = {asyncio.ensure_future(self._wake.wait()),
+                           asyncio.ensure_future(stop.wait())}
+                try:
+                    await asyncio.wait(waiters, timeout=self.interval_s,
+                                       return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    for waiter in waiters:
+                        waiter.cancel()
+        finally:
+            await self.job.close()

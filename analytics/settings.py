@@ -1,0 +1,74 @@
+"""Settings of the analytics job: one object per process, extending CommonSettings.
+
+Every field reads from the environment with the common `APIGW_` prefix, e.g.
+`APIGW_INTERVAL_S=30`, `APIGW_AUTO_MODE=auto`, `APIGW_HEADROOM=3`.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+from pydantic import Field
+
+from apigw.settings import CommonSettings
+
+
+class AutoMode(StrEnum):
+    OFF = "off"  # detect and record anomalies, recommend nothing
+    RECOMMEND = "recommend"  # write pending recommendations for a person to approve
+    AUTO = "auto"  # apply recommendations as expiring policies, within the guardrails
+
+
+class AnalyticsSettings(CommonSettings):
+    interval_s: float = Field(default=60.0, gt=0, description="Seconds between scheduled runs.")
+    lookback_minutes: int = Field(default=180, ge=2, le=60 * 24 * 31,
+                                  description="Per-minute history read for baselines.")
+    report_minutes: int = Field(default=10, ge=1,
+                                description="Flagged windows this recent become anomalies.")
+    client_lookback_hours: float = Field(default=24.0, gt=0,
+                                         description="History of per-client rates for limits.")
+    min_requests: int = Field(default=20, ge=1,
+                              description="A window needs this many requests to be flagged.")
+    min_history: int = Field(default=2, ge=1,
+                             description="Preceding windows needed for a robust baseline; with "
+                                         "fewer, absolute thresholds apply.")
+    score_threshold: float = Field(default=0.9, gt=0, lt=1,
+                                   description="Anomaly score at or above which a window is "
+                                               "flagged (when the margins also hold).")
+    error_rate_abs_margin: float = Field(default=0.05, ge=0, le=1,
+                                         description="5xx rate must exceed baseline by this much.")
+    error_rate_rel_margin: float = Field(default=2.0, ge=1,
+                                         description="...and be this many times the baseline.")
+    error_rate_spread_floor: float = Field(default=0.01, gt=0,
+                                           description="Smallest robust spread of a 5xx rate.")
+    error_rate_cold: float = Field(default=0.2, gt=0, le=1,
+                                   description="5xx rate flagged when there is no history.")
+    dominance_share: float = Field(default=0.5, gt=0, le=1,
+                                   description="Top client's share of requests to flag.")
+    dominance_abs_margin: float = Field(default=0.25, ge=0, le=1,
+                                        description="Top share must exceed baseline by this.")
+    dominance_cold_share: float = Field(default=0.8, gt=0, le=1,
+                                        description="Top share flagged when there is no history.")
+    contributor_min_share: float = Field(default=0.2, gt=0, le=1,
+                                         description="Least share of an anomaly for a client "
+                                                     "to count as a contributor.")
+    contributor_ratio: float = Field(default=3.0, ge=1,
+                                     description="...and this many times its baseline share.")
+    headroom: float = Field(default=2.0, ge=1,
+                            description="Recommended limit = p99 of legit per-client rate x this.")
+    limit_floor: int = Field(default=10, ge=1, description="Never recommend below this.")
+    limit_window_s: float = Field(default=60.0, gt=0, description="Window of recommended limits.")
+    auto_mode: AutoMode = Field(default=AutoMode.RECOMMEND,
+                                description="Default mode; per-route overrides in Redis hash "
+                                            "<prefix>:analytics:auto_mode.")
+    auto_expiry_s: float = Field(default=3600.0, gt=0,
+                                 description="Lifetime of an automatically applied policy.")
+    leader_lease_s: float = Field(default=0.0, ge=0,
+                                  description="Leader lease; 0 means 2 x interval_s + 10 s.")
+    examples: int = Field(default=5, ge=0, le=100,
+                          description="Example request/trace ids kept per anomaly.")
+    listen: str = Field(default="127.0.0.1:9092",
+                        description="HOST:PORT of the standalone analytics service.")
+
+    def lease_s(self) -> float:
+        return self.leader_lease_s or 2 * self.interval_s + 10
