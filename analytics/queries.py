@@ -1,0 +1,448 @@
+"""Read queries of the control-plane API: rollups, anomalies and (for search only) raw events.
+
+Every value reaches ClickHouse as a bound parameter (`{name:Type}` with `parameters=`); the
+SQL text is assembled only from fixed fragments in this module. Rollup queries aggregate with
+sum / quantilesMerge / uniqMerge and GROUP BY, since rows of one key merge only eventually.
+Raw `events` are read only with a time range on the sort key and a LIMIT.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any, Final
+
+from pydantic import BaseModel
+
+from analytics.models import Anomaly, AnomalyKind, Endpoint, Severity
+from collector.clickhouse import SharedClient
+
+MAX_RANGE_S: Final = 31 * 86_400
+MAX_POINTS: Final = 500
+STEPS_S: Final = (60, 120, 300, 600, 900, 1800, 3600, 7200, 10_800, 21_600, 43_200, 86_400)
+_SEVERITY_RANK: Final = {Severity.LOW: 1, Severity.MEDIUM: 2, Severity.HIGH: 3,
+                         Severity.CRITICAL: 4}
+
+
+def resolution(duration_s: float) -> int:
+    """The smallest bucket (seconds) that keeps a series of `duration_s` within MAX_POINTS."""
+    for step in STEPS_S:
+        if math.ceil(duration_s / step) <= MAX_POINTS:
+            return step
+    return STEPS_S[-1]
+
+
+@dataclass(frozen=True, slots=True)
+class TimeRange:
+    """[start, end) in epoch seconds."""
+
+    start: float
+    end: float
+
+    @classmethod
+    def last(cls, minutes: float, now: float | None = None) -> TimeRange:
+        end = time.time() if now is None else now
+        return cls(end - minutes * 60, end)
+
+    @property
+    def minute_start(self) -> int:
+        return int(self.start // 60) * 60
+
+    @property
+    def duration_s(self) -> float:
+        return self.end - self.start
+
+    def params(self) -> dict[str, int]:
+        return {"start_s": self.minute_start, "end_s": math.ceil(self.end),
+                "start_ms": int(self.start * 1000), "end_ms": math.ceil(self.end * 1000)}
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointFilter:
+    """Optional parts of the endpoint identity; None = any, "" matches the empty value."""
+
+    route_id: str | None = None
+    method: str | None = None
+    http_route: str | None = None
+
+    def clauses(self) -> tuple[list[str], dict[str, str]]:
+        where: list[str] = []
+        params: dict[str, str] = {}
+        if self.route_id is not None:
+            where.append("route_id = {route_id:String}")
+            params["route_id"] = self.route_id
+        if self.method is not None:
+            where.append("http_request_method = {method:String}")
+            params["method"] = self.method.upper()
+        if self.http_route is not None:
+            where.append("http_route = {http_route:String}")
+            params["http_route"] = self.http_route
+        return where, params
+
+
+class Health(StrEnum):
+    OK = "ok"
+    DEGRADED = "degraded"
+    CRITICAL = "critical"
+    IDLE = "idle"
+
+
+class EndpointSummary(BaseModel):
+    route_id: str
+    method: str
+    http_route: str
+    requests: int
+    errors_5xx: int
+    errors_4xx: int
+    error_rate: float  # 5xx share of requests
+    rate_limited: int
+    auth_failures: int
+    clients: int
+    mean_ms: float | None
+    p50_ms: float | None
+    p95_ms: float | None
+    p99_ms: float | None
+    last_minute_requests: int  # the last complete minute of the range
+    open_anomalies: int  # anomalies whose window ends inside the range
+    max_severity: Severity | None
+    max_score: float
+    health: Health
+
+
+class SeriesPoint(BaseModel):
+    ts: float
+    requests: int
+    errors_5xx: int
+    errors_4xx: int
+    error_rate: float
+    rate_limited: int
+    auth_failures: int
+    p50_ms: float | None
+    p95_ms: float | None
+    p99_ms: float | None
+
+
+class Series(BaseModel):
+    start: float
+    end: float
+    step_s: int
+    points: list[SeriesPoint]
+
+
+class ClientRow(BaseModel):
+    client: str
+    requests: int
+    share: float
+    errors_5xx: int
+    errors_4xx: int
+    rate_limited: int
+    auth_failures: int
+    distinct_paths: int
+
+
+class BreakdownDimension(StrEnum):
+    STATUS = "status"
+    ERROR_TYPE = "error_type"
+    CLIENT_ADDRESS = "client_address"
+    USER_AGENT = "user_agent"
+    TENANT = "tenant"
+
+
+_BREAKDOWN_SQL: Final = {
+    BreakdownDimension.STATUS: "toString(http_response_status_code)",
+    BreakdownDimension.ERROR_TYPE: "error_type",
+    BreakdownDimension.CLIENT_ADDRESS: "client_address",
+    BreakdownDimension.USER_AGENT: "user_agent_original",
+    BreakdownDimension.TENANT: "tenant",
+}
+
+
+class BreakdownRow(BaseModel):
+    value: str
+    requests: int
+    share: float
+
+
+class RequestRow(BaseModel):
+    timestamp: float
+    request_id: str
+    trace_id: str
+    route_id: str
+    method: str
+    http_route: str
+    url_path: str
+    status: int
+    duration_ms: float
+    client_id: str
+    client_address: str
+    user_agent: str
+    error_type: str
+    auth_outcome: str
+    ratelimit_outcome: str
+    ratelimit_policy_id: str
+    upstream: str
+    tenant: str
+
+
+@dataclass(frozen=True, slots=True)
+class RequestSearch:
+    range: TimeRange
+    endpoint: EndpointFilter
+    status_min: int | None = None
+    status_max: int | None = None
+    client: str | None = None
+    trace_id: str | None = None
+    request_id: str | None = None
+    error_type: str | None = None
+    limit: int = 100
+    offset: int = 0
+
+
+_REQUEST_COLUMNS: Final = (
+    "timestamp, request_id, trace_id, route_id, http_request_method, http_route, url_path, "
+    "http_response_status_code, duration_ms, client_id, client_address, user_agent_original, "
+    "error_type, auth_outcome, ratelimit_outcome, ratelimit_policy_id, upstream, tenant")
+
+_ANOMALY_COLUMNS: Final = (
+    "id, detected_at, window_start, window_end, route_id, http_request_method, http_route, "
+    "kind, severity, score, metric, baseline, observed, top_clients, example_request_ids, "
+    "example_trace_ids, summary")
+
+_MINUTE_RANGE: Final = ("minute >= toDateTime({start_s:UInt32}, 'UTC')",
+                        "minute < toDateTime({end_s:UInt32}, 'UTC')")
+_EVENT_RANGE: Final = ("timestamp >= fromUnixTimestamp64Milli({start_ms:Int64}, 'UTC')",
+                       "timestamp < fromUnixTimestamp64Milli({end_ms:Int64}, 'UTC')")
+
+
+def _epoch(value: Any) -> float:
+    if isinstance(value, datetime):
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=UTC)
+        return float(value.timestamp())
+    return float(value)
+
+
+def _finite(value: Any) -> float | None:
+    number = float(value)
+    return number if math.isfinite(number) else None
+
+
+def _quantiles(values: Sequence[Any] | None) -> tuple[float | None, float | None, float | None]:
+    if not values or len(values) < 3:
+        return None, None, None
+    return _finite(values[0]), _finite(values[1]), _finite(values[2])
+
+
+def _rate(part: int, whole: int) -> float:
+    return part / whole if whole else 0.0
+
+
+def _where(parts: Sequence[str]) -> str:
+    return " AND ".join(parts) if parts else "1"
+
+
+def health_of(error_rate: float, requests: int, anomalies: int,
+              max_severity: Severity | None) -> Health:
+    if max_severity in (Severity.HIGH, Severity.CRITICAL) or error_rate >= 0.2:
+        return Health.CRITICAL
+    if anomalies or error_rate >= 0.05:
+        return Health.DEGRADED
+    return Health.OK if requests else Health.IDLE
+
+
+def anomaly_from_row(row: dict[str, Any]) -> Anomaly:
+    return Anomaly(
+        id=row["id"], detected_at=_epoch(row["detected_at"]),
+        window_start=_epoch(row["window_start"]), window_end=_epoch(row["window_end"]),
+        endpoint=Endpoint(route_id=row["route_id"], method=row["http_request_method"],
+                          http_route=row["http_route"]),
+        kind=AnomalyKind(row["kind"]), severity=Severity(row["severity"]),
+        score=min(1.0, max(0.0, float(row["score"]))), metric=row["metric"],
+        baseline=float(row["baseline"]), observed=float(row["observed"]),
+        top_clients=list(row["top_clients"]), example_request_ids=list(row["example_request_ids"]),
+        example_trace_ids=list(row["example_trace_ids"]), summary=row["summary"])
+
+
+class Queries:
+    """The API's reads. Each call runs in a worker thread holding the client's lock."""
+
+    def __init__(self, ch: SharedClient) -> None:
+        self._ch = ch
+
+    def _run(self, sql: str, params: dict[str, Any]) -> list[dict[str, Any]]:
+        with self._ch.lock:
+            result = self._ch.client.query(sql, parameters=params)
+            return list(result.named_results())
+
+    async def rows(self, sql: str, params: dict[str, Any]) -> list[dict[str, Any]]:
+        return await asyncio.to_thread(self._run, sql, params)
+
+    async def ping(self) -> bool:
+        rows = await self.rows("SELECT 1 AS ok", {})
+        return bool(rows and rows[0]["ok"] == 1)
+
+    async def endpoints(self, rng: TimeRange, limit: int = 500) -> list[EndpointSummary]:
+        last_minute = max(rng.minute_start, int(rng.end // 60) * 60 - 60)
+        params: dict[str, Any] = {**rng.params(), "limit": limit, "last_minute": last_minute}
+        traffic = await self.rows(
+            "SELECT route_id, http_request_method, http_route, sum(requests) AS n, "
+            "sum(errors_5xx) AS e5, sum(errors_4xx) AS e4, sum(rate_limited) AS rl, "
+            "sum(auth_failures) AS af, sum(duration_sum_ms) AS dur, "
+            "quantilesMerge(0.5, 0.95, 0.99)(duration_q) AS q, uniqMerge(clients) AS uc, "
+            "sumIf(requests, minute = toDateTime({last_minute:UInt32}, 'UTC')) AS last_n "
+            f"FROM events_1m WHERE {_where(_MINUTE_RANGE)} "
+            "GROUP BY route_id, http_request_method, http_route ORDER BY n DESC "
+            "LIMIT {limit:UInt32}", params)
+        flagged = await self.rows(
+            "SELECT route_id, http_request_method, http_route, uniqExact(id) AS n, "
+            "max(score) AS top_score, groupUniqArray(severity) AS severities FROM anomalies "
+            "WHERE window_end >= fromUnixTimestamp64Milli({start_ms:Int64}, 'UTC') "
+            "AND detected_at < fromUnixTimestamp64Milli({end_ms:Int64}, 'UTC') "
+            "GROUP BY route_id, http_request_method, http_route", params)
+        by_endpoint = {(r["route_id"], r["http_request_method"], r["http_route"]): r
+                       for r in flagged}
+        summaries = [self._summary(row, by_endpoint.pop(
+            (row["route_id"], row["http_request_method"], row["http_route"]), None))
+            for row in traffic]
+        for key, row in by_endpoint.items():
+            idle = {"route_id": key[0], "http_request_method": key[1], "http_route": key[2]}
+            summaries.append(self._summary(idle, row))
+        return summaries
+
+    @staticmethod
+    def _summary(row: dict[str, Any], flagged: dict[str, Any] | None) -> EndpointSummary:
+        requests = int(row.get("n", 0))
+        errors_5xx = int(row.get("e5", 0))
+        p50, p95, p99 = _quantiles(row.get("q"))
+        severities = [Severity(s) for s in (flagged or {}).get("severities", [])
+                      if s in Severity.__members__.values()]
+        top = max(severities, key=_SEVERITY_RANK.__getitem__) if severities else None
+        count = int(flagged["n"]) if flagged else 0
+        error_rate = _rate(errors_5xx, requests)
+        return EndpointSummary(
+            route_id=row["route_id"], method=row["http_request_method"],
+            http_route=row["http_route"], requests=requests, errors_5xx=errors_5xx,
+            errors_4xx=int(row.get("e4", 0)), error_rate=error_rate,
+            rate_limited=int(row.get("rl", 0)), auth_failures=int(row.get("af", 0)),
+            clients=int(row.get("uc", 0)),
+            mean_ms=float(row["dur"]) / requests if requests else None,
+            p50_ms=p50, p95_ms=p95, p99_ms=p99, last_minute_requests=int(row.get("last_n", 0)),
+            open_anomalies=count, max_severity=top,
+            max_score=float(flagged["top_score"]) if flagged else 0.0,
+            health=health_of(error_rate, requests, count, top))
+
+    async def timeseries(self, rng: TimeRange, endpoint: EndpointFilter) -> Series:
+        step = resolution(rng.duration_s)
+        where, filters = endpoint.clauses()
+        params: dict[str, Any] = {**rng.params(), **filters, "step": step}
+        rows = await self.rows(
+            "SELECT intDiv(toUInt32(minute), {step:UInt32}) * {step:UInt32} AS bucket, "
+            "sum(requests) AS n, sum(errors_5xx) AS e5, sum(errors_4xx) AS e4, "
+            "sum(rate_limited) AS rl, sum(auth_failures) AS af, "
+            "quantilesMerge(0.5, 0.95, 0.99)(duration_q) AS q "
+            f"FROM events_1m WHERE {_where([*_MINUTE_RANGE, *where])} "
+            "GROUP BY bucket ORDER BY bucket", params)
+        found = {int(row["bucket"]): row for row in rows}
+        first = (rng.minute_start // step) * step
+        points = []
+        for bucket in range(first, math.ceil(rng.end), step):
+            row = found.get(bucket, {})
+            n, e5 = int(row.get("n", 0)), int(row.get("e5", 0))
+            p50, p95, p99 = _quantiles(row.get("q"))
+            points.append(SeriesPoint(
+                ts=float(bucket), requests=n, errors_5xx=e5, errors_4xx=int(row.get("e4", 0)),
+                error_rate=_rate(e5, n), rate_limited=int(row.get("rl", 0)),
+                auth_failures=int(row.get("af", 0)), p50_ms=p50, p95_ms=p95, p99_ms=p99))
+        return Series(start=rng.start, end=rng.end, step_s=step, points=points)
+
+    async def top_clients(self, rng: TimeRange, endpoint: EndpointFilter,
+                          limit: int = 20) -> list[ClientRow]:
+        where, filters = endpoint.clauses()
+        params: dict[str, Any] = {**rng.params(), **filters, "limit": limit}
+        rows = await self.rows(
+            "SELECT client, sum(requests) AS n, sum(errors_5xx) AS e5, sum(errors_4xx) AS e4, "
+            "sum(rate_limited) AS rl, sum(auth_failures) AS af, uniqMerge(paths) AS up, "
+            "sum(sum(requests)) OVER () AS total "
+            f"FROM events_client_1m WHERE {_where([*_MINUTE_RANGE, *where])} "
+            "GROUP BY client ORDER BY n DESC, client LIMIT {limit:UInt32}", params)
+        return [ClientRow(client=row["client"], requests=int(row["n"]),
+                          share=_rate(int(row["n"]), int(row["total"])),
+                          errors_5xx=int(row["e5"]), errors_4xx=int(row["e4"]),
+                          rate_limited=int(row["rl"]), auth_failures=int(row["af"]),
+                          distinct_paths=int(row["up"])) for row in rows]
+
+    async def breakdown(self, rng: TimeRange, endpoint: EndpointFilter,
+                        by: BreakdownDimension, limit: int = 20) -> list[BreakdownRow]:
+        where, filters = endpoint.clauses()
+        params: dict[str, Any] = {**rng.params(), **filters, "limit": limit}
+        rows = await self.rows(
+            f"SELECT {_BREAKDOWN_SQL[by]} AS value, count() AS n, "
+            "sum(count()) OVER () AS total "
+            f"FROM events WHERE {_where([*where, *_EVENT_RANGE])} "
+            "GROUP BY value ORDER BY n DESC, value LIMIT {limit:UInt32}", params)
+        return [BreakdownRow(value=str(row["value"]), requests=int(row["n"]),
+                             share=_rate(int(row["n"]), int(row["total"]))) for row in rows]
+
+    async def search_requests(self, search: RequestSearch) -> list[RequestRow]:
+        where, filters = search.endpoint.clauses()
+        params: dict[str, Any] = {**search.range.params(), **filters,
+                                  "limit": search.limit, "offset": search.offset}
+        where = [*where, *_EVENT_RANGE]
+        if search.status_min is not None:
+            where.append("http_response_status_code >= {status_min:UInt16}")
+            params["status_min"] = search.status_min
+        if search.status_max is not None:
+            where.append("http_response_status_code <= {status_max:UInt16}")
+            params["status_max"] = search.status_max
+        if search.client is not None:
+            where.append("(client_id = {client:String} OR client_address = {client:String})")
+            params["client"] = search.client
+        for name in ("trace_id", "request_id", "error_type"):
+            value = getattr(search, name)
+            if value is not None:
+                where.append(f"{name} = {{{name}:String}}")
+                params[name] = value
+        rows = await self.rows(
+            f"SELECT {_REQUEST_COLUMNS} FROM events WHERE {_where(where)} "
+            "ORDER BY timestamp DESC, request_id LIMIT {limit:UInt32} OFFSET {offset:UInt32}",
+            params)
+        return [RequestRow(
+            timestamp=_epoch(row["timestamp"]), request_id=row["request_id"],
+            trace_id=row["trace_id"], route_id=row["route_id"],
+            method=row["http_request_method"], http_route=row["http_route"],
+            url_path=row["url_path"], status=int(row["http_response_status_code"]),
+            duration_ms=float(row["duration_ms"]), client_id=row["client_id"],
+            client_address=row["client_address"], user_agent=row["user_agent_original"],
+            error_type=row["error_type"], auth_outcome=row["auth_outcome"],
+            ratelimit_outcome=row["ratelimit_outcome"],
+            ratelimit_policy_id=row["ratelimit_policy_id"], upstream=row["upstream"],
+            tenant=row["tenant"]) for row in rows]
+
+    async def anomalies(self, rng: TimeRange, endpoint: EndpointFilter,
+                        kind: AnomalyKind | None = None, severity: Severity | None = None,
+                        limit: int = 200) -> list[Anomaly]:
+        where, filters = endpoint.clauses()
+        params: dict[str, Any] = {**rng.params(), **filters, "limit": limit}
+        where = [*where, "detected_at >= fromUnixTimestamp64Milli({start_ms:Int64}, 'UTC')",
+                 "detected_at < fromUnixTimestamp64Milli({end_ms:Int64}, 'UTC')"]
+        if kind is not None:
+            where.append("kind = {kind:String}")
+            params["kind"] = kind.value
+        if severity is not None:
+            where.append("severity = {severity:String}")
+            params["severity"] = severity.value
+        rows = await self.rows(
+            f"SELECT {_ANOMALY_COLUMNS} FROM anomalies WHERE {_where(where)} "
+            "ORDER BY detected_at DESC, id LIMIT 1 BY id LIMIT {limit:UInt32}", params)
+        return [anomaly_from_row(row) for row in rows]
+
+    async def anomaly(self, anomaly_id: str) -> Anomaly | None:
+        rows = await self.rows(
+            f"SELECT {_ANOMALY_COLUMNS} FROM anomalies WHERE id = {{id:String}} "
+            "ORDER BY detected_at DESC LIMIT 1", {"id": anomaly_id})
+        return anomaly_from_row(rows[0]) if rows else None

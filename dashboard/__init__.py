@@ -1,0 +1,1 @@
+"""The Streamlit dashboard; it reads the control-plane API only (dashboard/client.py)."""

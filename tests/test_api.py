@@ -1,0 +1,642 @@
+"""The control-plane API against real Redis and a real embedded ClickHouse, over real HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+import redis.asyncio as aioredis
+from aiohttp import web
+
+from analytics.api import ApiSettings, build_api
+from analytics.controlplane import ControlPlaneSettings, run_controlplane
+from analytics.models import (
+    Anomaly,
+    Endpoint,
+    ImpactEstimate,
+    Recommendation,
+    RecommendationStatus,
+)
+from apigw.redis_server import free_port
+from collector.clickhouse import SharedClient
+from collector.schema import migrate
+from proxy.event import EVENT_FIELDS, SCHEMA_VERSION, RequestEvent, encode_batch
+from proxy.policy import Policy, RedisKeys, Source
+from proxy.policy_store import PolicyStore
+
+MINUTES = 10
+ORDERS = Endpoint(route_id="orders", method="GET", http_route="/orders/{id}")
+USERS = Endpoint(route_id="users", method="GET", http_route="/users/{id}")
+ANOMALY_ID = "anom-orders-1"
+REC_ID = "rec-orders-1"
+TOKENS = {"ops": "operator-token-0123456789", "sec": "security-token-0123456789",
+          "ro": "viewer-token-0123456789"}
+
+
+# -- seeded data: the numbers every assertion below derives from --------------------------------
+
+
+def seed_events(now: float) -> list[RequestEvent]:
+    """Ten minutes of traffic ending a minute ago.
+
+    orders: client-a 10/min (200), client-b 5/min (200, but 500 in the last 3 minutes)
+    users: client-a 4/min (200)
+    -> orders 150 requests, 15 5xx (all client-b); users 40 requests.
+    """
+    events = []
+    first = int(now // 60) * 60 - MINUTES * 60
+    for minute in range(MINUTES):
+        start = first + minute * 60
+        failing = minute >= MINUTES - 3
+        for i in range(10):
+            events.append(_event(ORDERS, start + i, f"/orders/{i}", 200, "client-a",
+                                 f"req-a-{minute}-{i}", 5.0 + i))
+        for i in range(5):
+            events.append(_event(ORDERS, start + 20 + i, f"/orders/{100 + i}",
+                                 500 if failing else 200, "client-b", f"req-b-{minute}-{i}",
+                                 50.0 if failing else 8.0))
+        for i in range(4):
+            events.append(_event(USERS, start + 30 + i, f"/users/{i}", 200, "client-a",
+                                 f"req-u-{minute}-{i}", 3.0))
+    return events
+
+
+def _event(endpoint: Endpoint, ts: float, path: str, status: int, client: str,
+           request_id: str, duration: float) -> RequestEvent:
+    return RequestEvent(
+        timestamp=ts + 0.25, request_id=request_id, http_request_method=endpoint.method,
+        url_path=path, http_response_status_code=status, duration_ms=duration,
+        trace_id=f"trace-{request_id}", route_id=endpoint.route_id,
+        http_route=endpoint.http_route, client_id=client, client_address="127.0.0.9",
+        user_agent_original="seed/1", upstream="127.0.0.1:9001", gateway_instance="seed",
+        error_type="upstream_status_5xx" if status >= 500 else "")
+
+
+def seed_anomaly(now: float) -> Anomaly:
+    window_end = int(now // 60) * 60 - 60
+    return Anomaly(
+        id=ANOMALY_ID, detected_at=now - 30, window_start=window_end - 180,
+        window_end=window_end, endpoint=ORDERS, kind="error_spike", severity="high",
+        score=0.97, metric="error_rate", baseline=0.0, observed=0.333,
+        top_clients=["client-b"], example_request_ids=["req-b-9-0", "req-b-9-1"],
+        example_trace_ids=["trace-req-b-9-0"], summary="5xx rate 33% vs 0% baseline")
+
+
+def seed_recommendation(now: float) -> Recommendation:
+    policy = Policy(id="analytics:orders:GET", route_id="orders", method="GET",
+                    key_by="client_id", limit=12, window_s=60, source=Source.ANALYTICS,
+                    updated_by="analytics", reason="recommended for error_spike")
+    return Recommendation(
+        id=REC_ID, created_at=now - 20, updated_at=now - 20, endpoint=ORDERS,
+        anomaly_ids=[ANOMALY_ID], policy=policy, rationale="client-b drives the 5xx spike",
+        client_rate_p50=10, client_rate_p90=10, client_rate_p99=10, confidence=0.8,
+        impact=ImpactEstimate(window_s=600, clients_limited=1, requests_limited=3,
+                              flagged_clients_limited=1, flagged_requests_limited=3,
+                              other_clients_limited=0, other_requests_limited=0),
+        flagged_clients=["client-b"])
+
+
+def insert_events(ch: SharedClient, events: list[RequestEvent]) -> None:
+    rows = [[datetime.fromtimestamp(e.timestamp, UTC) if name == "timestamp"
+             else getattr(e, name) for name in EVENT_FIELDS] for e in events]
+    with ch.lock:
+        ch.client.insert("events", rows, column_names=list(EVENT_FIELDS))
+
+
+def insert_anomaly(ch: SharedClient, anomaly: Anomaly) -> None:
+    row = {
+        "id": anomaly.id, "detected_at": datetime.fromtimestamp(anomaly.detected_at, UTC),
+        "window_start": datetime.fromtimestamp(anomaly.window_start, UTC),
+        "window_end": datetime.fromtimestamp(anomaly.window_end, UTC),
+        "route_id": anomaly.endpoint.route_id, "http_request_method": anomaly.endpoint.method,
+        "http_route": anomaly.endpoint.http_route, "kind": anomaly.kind.value,
+        "severity": anomaly.severity.value, "score": anomaly.score, "metric": anomaly.metric,
+        "baseline": anomaly.baseline, "observed": anomaly.observed,
+        "top_clients": anomaly.top_clients, "example_request_ids": anomaly.example_request_ids,
+        "example_trace_ids": anomaly.example_trace_ids, "summary": anomaly.summary,
+    }
+    with ch.lock:
+        ch.client.insert("anomalies", [list(row.values())], column_names=list(row))
+
+
+def seed_store(ch: SharedClient, now: float) -> None:
+    with ch.lock:
+        migrate(ch.client)
+    insert_events(ch, seed_events(now))
+    insert_anomaly(ch, seed_anomaly(now))
+
+
+async def seed_redis(redis: aioredis.Redis, store: PolicyStore, now: float) -> None:
+    keys = RedisKeys()
+    await redis.hset(keys.recommendations, REC_ID, seed_recommendation(now).model_dump_json())
+    await store.put(Policy(id="default-per-client", limit=100, window_s=60),
+                    actor="config", reason="baseline")
+
+
+# -- a live API ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Live:
+    url: str
+    redis: aioredis.Redis
+    store: PolicyStore
+    app: web.Application
+    session: aiohttp.ClientSession
+
+    async def call(self, method: str, path: str, *, token: str | None = None,
+                   **kwargs: Any) -> tuple[int, Any, aiohttp.typedefs.LooseHeaders]:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        async with self.session.request(method, self.url + path, headers=headers,
+                                        **kwargs) as response:
+            raw = await response.read()
+            body = orjson.loads(raw) if raw and "json" in response.content_type else raw
+            return response.status, body, response.headers
+
+    async def ok(self, method: str, path: str, **kwargs: Any) -> Any:
+        status, body, _ = await self.call(method, path, **kwargs)
+        assert status == 200, (method, path, status, body)
+        return body
+
+
+@pytest.fixture
+def now() -> float:
+    return time.time()
+
+
+@pytest.fixture
+def ch(chdb_dsn: str, now: float) -> Iterator[SharedClient]:
+    client = SharedClient(chdb_dsn)
+    try:
+        seed_store(client, now)
+        yield client
+    finally:
+        client.close()
+
+
+async def start_api(settings: ApiSettings, redis: aioredis.Redis, ch: SharedClient,
+                    port: int) -> tuple[web.AppRunner, web.Application, PolicyStore]:
+    store = PolicyStore(redis, RedisKeys(settings.key_prefix))
+    app = build_api(settings, redis, ch, store, None)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    return runner, app, store
+
+
+@pytest.fixture
+def tokens_spec() -> str:
+    return ""
+
+
+@pytest.fixture
+async def live(redis_url: str, redis_client: aioredis.Redis, ch: SharedClient, port: int,
+               tmp_path: Path, now: float, tokens_spec: str) -> AsyncIterator[Live]:
+    settings = ApiSettings(redis_url=redis_url, clickhouse_dsn=ch.dsn, data_dir=tmp_path,
+                           api_tokens=tokens_spec)
+    runner, app, store = await start_api(settings, redis_client, ch, port)
+    try:
+        await seed_redis(redis_client, store, now)
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
+            yield Live(f"http://127.0.0.1:{port}", redis_client, store, app, session)
+    finally:
+        await runner.cleanup()
+
+
+def by_route(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {row["route_id"]: row for row in rows}
+
+
+# -- reads --------------------------------------------------------------------------------------
+
+
+async def test_endpoints_summarise_the_seeded_traffic(live: Live) -> None:
+    body = await live.ok("GET", "/api/v1/endpoints?minutes=60")
+    rows = by_route(body["endpoints"])
+    assert set(rows) == {"orders", "users"}
+    orders, users = rows["orders"], rows["users"]
+    assert (orders["requests"], orders["errors_5xx"], orders["clients"]) == (150, 15, 2)
+    assert orders["error_rate"] == pytest.approx(0.1)
+    assert orders["last_minute_requests"] == 15
+    assert orders["open_anomalies"] == 1
+    assert orders["max_severity"] == "high"
+    assert orders["health"] == "critical"
+    assert orders["p99_ms"] == pytest.approx(50.0, rel=0.05)
+    assert (users["requests"], users["errors_5xx"], users["health"]) == (40, 0, "ok")
+    assert users["mean_ms"] == pytest.approx(3.0)
+
+
+async def test_timeseries_per_minute_and_coarse_for_long_ranges(live: Live, now: float) -> None:
+    body = await live.ok("GET", "/api/v1/endpoints/timeseries?route_id=orders&method=GET"
+                                "&route=/orders/{id}&minutes=30")
+    assert body["step_s"] == 60
+    points = [p for p in body["points"] if p["requests"]]
+    assert len(points) == MINUTES
+    assert sum(p["requests"] for p in points) == 150
+    assert [p["errors_5xx"] for p in points] == [0] * 7 + [5] * 3
+    assert points[-1]["error_rate"] == pytest.approx(5 / 15)
+
+    month = await live.ok("GET", "/api/v1/endpoints/timeseries?minutes=44640")
+    assert month["step_s"] > 60
+    assert len(month["points"]) <= 500
+    assert sum(p["requests"] for p in month["points"]) == 190
+
+    start = datetime.fromtimestamp(now - 3600, UTC).isoformat()
+    ranged = await live.ok("GET", "/api/v1/endpoints/timeseries",
+                           params={"route_id": "users", "from": start, "to": str(now)})
+    assert sum(p["requests"] for p in ranged["points"]) == 40
+
+
+async def test_top_clients_and_breakdown(live: Live) -> None:
+    body = await live.ok("GET", "/api/v1/endpoints/top-clients?route_id=orders&minutes=60")
+    clients = {row["client"]: row for row in body["clients"]}
+    assert clients["client-a"]["requests"] == 100
+    assert clients["client-a"]["share"] == pytest.approx(100 / 150)
+    assert (clients["client-b"]["requests"], clients["client-b"]["errors_5xx"]) == (50, 15)
+    assert clients["client-b"]["distinct_paths"] == 5
+
+    status = await live.ok("GET", "/api/v1/endpoints/breakdown?route_id=orders&by=status")
+    assert {row["value"]: row["requests"] for row in status["rows"]} == {"200": 135, "500": 15}
+    errors = await live.ok("GET", "/api/v1/endpoints/breakdown?by=error_type&route_id=orders")
+    assert errors["rows"][1] == {"value": "upstream_status_5xx", "requests": 15, "share": 0.1}
+
+
+async def test_request_search_filters_and_pages(live: Live) -> None:
+    path = "/api/v1/requests?route_id=orders&status=5xx&minutes=60"
+    first = await live.ok("GET", path + "&limit=10")
+    assert len(first["requests"]) == 10
+    assert first["next_offset"] == 10
+    rest = await live.ok("GET", path + "&limit=10&offset=10")
+    assert len(rest["requests"]) == 5
+    assert rest["next_offset"] is None
+    rows = first["requests"] + rest["requests"]
+    assert len({row["request_id"] for row in rows}) == 15
+    assert {(row["client_id"], row["status"]) for row in rows} == {("client-b", 500)}
+    timestamps = [row["timestamp"] for row in rows]
+    assert timestamps == sorted(timestamps, reverse=True)
+
+    one = await live.ok("GET", "/api/v1/requests?request_id=req-a-3-4")
+    assert [(r["request_id"], r["trace_id"], r["url_path"]) for r in one["requests"]] == [
+        ("req-a-3-4", "trace-req-a-3-4", "/orders/4")]
+    traced = await live.ok("GET", "/api/v1/requests?trace_id=trace-req-u-0-1")
+    assert [r["route_id"] for r in traced["requests"]] == ["users"]
+    by_client = await live.ok("GET", "/api/v1/requests?client=client-a&route_id=users&limit=1000")
+    assert len(by_client["requests"]) == 40
+    exact = await live.ok("GET", "/api/v1/requests?status=200&route_id=orders&limit=1000")
+    assert len(exact["requests"]) == 135
+
+
+async def test_injection_attempts_are_only_values(live: Live) -> None:
+    hostile = ["x' OR '1'='1", "orders' OR 1=1 --", "'); DROP TABLE events; --",
+               "{route_id:String}", "\\' UNION SELECT 1 --"]
+    for value in hostile:
+        for name in ("client", "route_id", "route", "trace_id", "request_id", "method"):
+            body = await live.ok("GET", "/api/v1/requests", params={name: value[:16]
+                                                                    if name == "method"
+                                                                    else value})
+            assert body["requests"] == [], (name, value)
+        ends = await live.ok("GET", "/api/v1/endpoints/timeseries", params={"route_id": value})
+        assert sum(p["requests"] for p in ends["points"]) == 0
+    body = await live.ok("GET", "/api/v1/endpoints?minutes=60")
+    assert sum(row["requests"] for row in body["endpoints"]) == 190  # nothing was dropped
+
+
+async def test_anomalies_with_filters_and_evidence(live: Live) -> None:
+    body = await live.ok("GET", "/api/v1/anomalies?minutes=60")
+    [anomaly] = body["anomalies"]
+    assert anomaly["id"] == ANOMALY_ID
+    assert anomaly["kind"] == "error_spike"
+    assert anomaly["endpoint"] == {"route_id": "orders", "method": "GET",
+                                   "http_route": "/orders/{id}"}
+    assert anomaly["top_clients"] == ["client-b"]
+    assert anomaly["example_request_ids"] == ["req-b-9-0", "req-b-9-1"]
+    assert (anomaly["baseline"], anomaly["observed"]) == (0.0, 0.333)
+    assert (await live.ok("GET", "/api/v1/anomalies?kind=error_spike&severity=high"
+                                 "&route_id=orders"))["anomalies"][0]["id"] == ANOMALY_ID
+    assert (await live.ok("GET", "/api/v1/anomalies?kind=enumeration"))["anomalies"] == []
+    assert (await live.ok("GET", "/api/v1/anomalies?route_id=users"))["anomalies"] == []
+    assert (await live.ok("GET", f"/api/v1/anomalies/{ANOMALY_ID}"))["summary"].startswith("5xx")
+    status, problem, _ = await live.call("GET", "/api/v1/anomalies/nope")
+    assert status == 404
+    assert problem["status"] == 404
+
+
+@pytest.mark.parametrize(("path", "fragment"), [
+    ("/api/v1/endpoints?minutes=60&colour=red", "colour: unknown parameter"),
+    ("/api/v1/endpoints?minutes=-5", "minutes"),
+    ("/api/v1/endpoints?minutes=lots", "minutes"),
+    ("/api/v1/endpoints?from=0", "range longer than 31 days"),
+    ("/api/v1/endpoints?from=2030-01-02T00:00:00&to=2030-01-01T00:00:00", "before"),
+    ("/api/v1/endpoints?from=yesterday", "ISO-8601"),
+    ("/api/v1/endpoints?minutes=5&minutes=6", "more than once"),
+    ("/api/v1/requests?limit=5000", "limit"),
+    ("/api/v1/requests?status=abc", "status"),
+    ("/api/v1/requests?offset=-1", "offset"),
+    ("/api/v1/anomalies?kind=bogus", "kind"),
+    ("/api/v1/endpoints/breakdown?by=password", "by"),
+    ("/api/v1/recommendations?status=maybe", "status"),
+    ("/api/v1/audit?count=0", "count"),
+])
+async def test_bad_parameters_are_400_problems(live: Live, path: str, fragment: str) -> None:
+    status, problem, headers = await live.call("GET", path)
+    assert status == 400, problem
+    assert headers["Content-Type"].startswith("application/problem+json")
+    assert problem["status"] == 400
+    assert problem["instance"] == path.split("?")[0]
+    assert fragment in problem["detail"], problem
+
+
+async def test_unknown_path_and_method_are_problems(live: Live) -> None:
+    status, problem, _ = await live.call("GET", "/api/v1/nothing-here")
+    assert status == 404
+    assert problem["title"] == "Not Found"
+    status, problem, headers = await live.call("DELETE", "/api/v1/endpoints")
+    assert status == 405
+    assert "GET" in headers["Allow"]
+
+
+# -- actions ------------------------------------------------------------------------------------
+
+
+async def _audit(live: Live, subject: str) -> list[dict[str, Any]]:
+    body = await live.ok("GET", "/api/v1/audit", params={"subject": subject})
+    return list(body["records"])
+
+
+async def test_recommendation_lifecycle_changes_redis_and_audits(live: Live) -> None:
+    keys = RedisKeys()
+    listed = await live.ok("GET", "/api/v1/recommendations?status=pending")
+    [rec] = listed["recommendations"]
+    assert rec["id"] == REC_ID
+    assert rec["impact"]["flagged_requests_limited"] == 3
+
+    approved = await live.ok("POST", f"/api/v1/recommendations/{REC_ID}/approve",
+                             json={"reason": "looks right"})
+    assert approved["status"] == "approved"
+    status, problem, _ = await live.call("POST", f"/api/v1/recommendations/{REC_ID}/approve",
+                                         json={"reason": "again"})
+    assert status == 409
+    assert "approved" in problem["detail"]
+
+    applied = await live.ok("POST", f"/api/v1/recommendations/{REC_ID}/apply", json={})
+    assert applied["status"] == "applied"
+    assert applied["policy"]["version"] == 1
+    policy = await live.store.get("analytics:orders:GET")
+    assert policy is not None
+    assert policy.limit == 12
+    assert policy.route_id == "orders"
+    stored = Recommendation.model_validate_json(
+        await live.redis.hget(keys.recommendations, REC_ID))
+    assert stored.status is RecommendationStatus.APPLIED
+
+    status, problem, _ = await live.call("POST", f"/api/v1/recommendations/{REC_ID}/rollback",
+                                         json={})
+    assert status == 400
+    assert "reason" in problem["detail"]
+    rolled = await live.ok("POST", f"/api/v1/recommendations/{REC_ID}/rollback",
+                           json={"reason": "false positive"})
+    assert rolled["status"] == "rolled_back"
+    assert rolled["status_reason"] == "false positive"
+    assert await live.store.get("analytics:orders:GET") is None
+
+    trail = await _audit(live, f"recommendation:{REC_ID}")
+    assert [r["action"] for r in trail] == ["recommendation.rolled_back",
+                                            "recommendation.applied",
+                                            "recommendation.approved"]
+    assert trail[0]["reason"] == "false positive"
+    assert trail[0]["evidence"] == ANOMALY_ID
+    assert trail[2]["before"]["status"] == "pending"
+    assert trail[2]["after"]["status"] == "approved"
+    assert {r["actor"] for r in trail} == {"anonymous"}
+    policy_trail = await _audit(live, "analytics:orders:GET")
+    assert len(policy_trail) == 2  # put, then delete
+
+    status, _, _ = await live.call("POST", "/api/v1/recommendations/missing/approve", json={})
+    assert status == 404
+    status, problem, _ = await live.call("POST", f"/api/v1/recommendations/{REC_ID}/dismiss",
+                                         json={"reason": "x", "colour": "red"})
+    assert status == 400
+    assert "colour" in problem["detail"]
+    status, problem, _ = await live.call("POST", f"/api/v1/recommendations/{REC_ID}/dismiss",
+                                         data=b"{not json")
+    assert status == 400
+    assert problem["title"] == "Invalid JSON body"
+
+
+async def test_dismiss_needs_a_reason(live: Live) -> None:
+    status, _, _ = await live.call("POST", f"/api/v1/recommendations/{REC_ID}/dismiss", json={})
+    assert status == 400
+    body = await live.ok("POST", f"/api/v1/recommendations/{REC_ID}/dismiss",
+                         json={"reason": "expected batch job"})
+    assert body["status"] == "dismissed"
+    status, _, _ = await live.call("POST", f"/api/v1/recommendations/{REC_ID}/apply", json={})
+    assert status == 409
+
+
+async def test_policy_edit_history_and_rollback(live: Live) -> None:
+    path = "/api/v1/policies/orders-tight"
+    first = await live.ok("PUT", path, json={"route_id": "orders", "method": "get",
+                                             "limit": 50, "window_s": 60,
+                                             "reason": "incident 42"})
+    assert (first["version"], first["source"], first["method"]) == (1, "operator", "GET")
+    second = await live.ok("PUT", path, json={**first, "limit": 20, "reason": "tighter"})
+    assert (second["version"], second["limit"]) == (2, 20)
+    history = await live.ok("GET", path + "/history")
+    assert [p["limit"] for p in history["versions"]] == [20, 50]
+    restored = await live.ok("POST", path + "/rollback", json={"reason": "too tight"})
+    assert (restored["version"], restored["limit"]) == (3, 50)
+    assert (await live.store.get("orders-tight")).limit == 50  # type: ignore[union-attr]
+
+    listing = await live.ok("GET", "/api/v1/policies")
+    views = {view["policy"]["id"]: view for view in listing["policies"]}
+    assert views["orders-tight"]["active"]
+    assert not views["orders-tight"]["expired"]
+    assert "default-per-client" in views
+    assert listing["version"] >= 4
+
+    trail = await _audit(live, "orders-tight")
+    assert trail[0]["action"] == "policy.rollback"
+    assert trail[0]["reason"] == "too tight"
+
+    status, problem, _ = await live.call("PUT", path, json={"limit": -1, "window_s": 60})
+    assert status == 400
+    assert "limit" in problem["detail"]
+    status, problem, _ = await live.call("PUT", path, json={"id": "other", "limit": 1,
+                                                            "window_s": 1})
+    assert status == 400
+    assert "differs" in problem["detail"]
+    status, problem, _ = await live.call("PUT", path, json={"limit": 1, "window_s": 1,
+                                                            "key_by": "password"})
+    assert status == 400
+    assert "key_by" in problem["detail"]
+    status, _, _ = await live.call("GET", "/api/v1/policies/absent")
+    assert status == 404
+    status, _, _ = await live.call("POST", "/api/v1/policies/absent/rollback", json={})
+    assert status == 404
+    status, _, _ = await live.call("POST", "/api/v1/policies/default-per-client/rollback",
+                                   json={"reason": "x"})
+    assert status == 409
+    status, _, _ = await live.call("POST", path + "/rollback", json={"to_version": 99})
+    assert status == 404
+    deleted = await live.ok("DELETE", path, json={"reason": "incident over"})
+    assert deleted == {"policy_id": "orders-tight", "deleted": True}
+    assert await live.store.get("orders-tight") is None
+
+
+async def test_auto_mode_and_kill_switch(live: Live) -> None:
+    keys = RedisKeys()
+    assert (await live.ok("GET", "/api/v1/analytics/kill-switch")) == {"engaged": False}
+    body = await live.ok("PUT", "/api/v1/analytics/kill-switch",
+                         json={"engaged": True, "reason": "bad deploy"})
+    assert body == {"engaged": True}
+    assert await live.redis.get(keys.kill_switch) == b"1"
+    await live.ok("PUT", "/api/v1/analytics/kill-switch", json={"engaged": False})
+    assert await live.redis.get(keys.kill_switch) is None
+
+    modes = await live.ok("PUT", "/api/v1/analytics/auto-mode",
+                          json={"group": "orders", "mode": "auto", "reason": "trusted"})
+    assert modes == {"modes": {"orders": "auto"}}
+    assert await live.redis.hget(keys.auto_mode, "orders") == b"auto"
+    cleared = await live.ok("PUT", "/api/v1/analytics/auto-mode",
+                            json={"group": "orders", "mode": None})
+    assert cleared == {"modes": {}}
+    status, _, _ = await live.call("PUT", "/api/v1/analytics/auto-mode",
+                                   json={"group": "orders", "mode": "yolo"})
+    assert status == 400
+    status, _, _ = await live.call("PUT", "/api/v1/analytics/auto-mode",
+                                   json={"group": "a b", "mode": "off"})
+    assert status == 400
+    kill = await _audit(live, "kill_switch")
+    assert [r["after"] for r in kill] == [{"engaged": False}, {"engaged": True}]
+    assert kill[1]["reason"] == "bad deploy"
+    assert len(await _audit(live, "auto_mode:orders")) == 2
+
+    status, problem, _ = await live.call("POST", "/api/v1/analytics/run", json={})
+    assert status == 503
+    assert "scheduler" in problem["detail"]
+
+
+@pytest.mark.parametrize("tokens_spec", [",".join(f"{name}:{role}:{TOKENS[name]}" for name, role
+                                                  in (("ops", "operator"), ("sec", "security"),
+                                                      ("ro", "viewer")))])
+async def test_tokens_and_roles(live: Live) -> None:
+    approve = f"/api/v1/recommendations/{REC_ID}/approve"
+    status, problem, headers = await live.call("POST", approve, json={})
+    assert status == 401
+    assert headers["WWW-Authenticate"].startswith("Bearer")
+    status, _, _ = await live.call("POST", approve, json={}, token="not-a-valid-token-at-all")
+    assert status == 401
+    status, problem, _ = await live.call("POST", approve, json={}, token=TOKENS["ro"])
+    assert status == 403
+    assert "viewer" in problem["detail"]
+    status, _, _ = await live.call("PUT", "/api/v1/analytics/kill-switch",
+                                   json={"engaged": True}, token=TOKENS["sec"])
+    assert status == 403
+    body = await live.ok("POST", approve, json={"reason": "ok"}, token=TOKENS["sec"])
+    assert body["status_by"] == "sec"
+    status, _, _ = await live.call("POST", f"/api/v1/recommendations/{REC_ID}/apply", json={},
+                                   token=TOKENS["sec"])
+    assert status == 403
+    await live.ok("POST", f"/api/v1/recommendations/{REC_ID}/apply", json={},
+                  token=TOKENS["ops"])
+    trail = await _audit(live, f"recommendation:{REC_ID}")
+    assert [r["actor"] for r in trail] == ["ops", "sec"]
+    # reads stay open by default
+    assert (await live.ok("GET", "/api/v1/policies"))["policies"]
+
+
+def test_token_settings_are_validated() -> None:
+    with pytest.raises(ValueError, match="name:role:token"):
+        ApiSettings(api_tokens="just-a-token")
+    with pytest.raises(ValueError, match="role"):
+        ApiSettings(api_tokens="a:admin:0123456789abcdef")
+    with pytest.raises(ValueError, match="16"):
+        ApiSettings(api_tokens="a:viewer:short")
+    hashed = "a:viewer:sha256:" + "ab" * 32
+    assert ApiSettings(api_tokens=hashed).api_tokens == hashed
+
+
+# -- ops and the OpenAPI document ---------------------------------------------------------------
+
+
+async def test_probes_and_metrics(live: Live) -> None:
+    assert (await live.ok("GET", "/healthz"))["status"] == "ok"
+    ready = await live.ok("GET", "/readyz")
+    assert ready["checks"] == {"redis": "ok", "clickhouse": "ok"}
+    await live.ok("GET", "/api/v1/endpoints")
+    status, text, _ = await live.call("GET", "/metrics")
+    assert status == 200
+    assert b'apigw_api_requests_total{method="GET",route="/api/v1/endpoints",status="200"}' in text
+
+
+async def test_openapi_lists_every_served_route(live: Live) -> None:
+    document = await live.ok("GET", "/openapi.json")
+    assert document["openapi"].startswith("3.1")
+    served = {(route.method.lower(), route.resource.canonical)
+              for route in live.app.router.routes()
+              if route.resource is not None and route.method != "HEAD"}
+    documented = {(method, path) for path, operations in document["paths"].items()
+                  for method in operations}
+    assert served == documented
+    schemas = document["components"]["schemas"]
+    for path, operations in document["paths"].items():
+        for method, operation in operations.items():
+            for response in operation["responses"].values():
+                for content in response.get("content", {}).values():
+                    ref = content["schema"].get("$ref", "")
+                    assert not ref or ref.rsplit("/", 1)[-1] in schemas, (path, method, ref)
+    params = {p["name"] for p in document["paths"]["/api/v1/requests"]["get"]["parameters"]}
+    assert {"route_id", "status", "client", "trace_id", "from", "to", "limit", "offset"} <= params
+    assert document["paths"]["/api/v1/policies/{id}"]["put"]["x-required-role"] == "operator"
+
+
+# -- the whole control plane, in process --------------------------------------------------------
+
+
+async def test_controlplane_collects_serves_and_runs(redis_url: str, redis_client: aioredis.Redis,
+                                                     chdb_dsn: str, tmp_path: Path) -> None:
+    now = time.time()
+    events = seed_events(now)
+    await redis_client.xadd("apigw:events", {"v": str(SCHEMA_VERSION),
+                                             "b": encode_batch(events)})
+    settings = ControlPlaneSettings(redis_url=redis_url, clickhouse_dsn=chdb_dsn,
+                                    data_dir=tmp_path)
+    port = free_port()
+    stop = asyncio.Event()
+    task = asyncio.create_task(run_controlplane(settings, "127.0.0.1", port, stop))
+    url = f"http://127.0.0.1:{port}"
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
+            total = 0
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and total < len(events):
+                assert not task.done(), task
+                try:
+                    async with session.get(f"{url}/api/v1/endpoints?minutes=60") as response:
+                        if response.status == 200:
+                            rows = (await response.json())["endpoints"]
+                            total = sum(row["requests"] for row in rows)
+                except aiohttp.ClientConnectionError:
+                    pass
+                await asyncio.sleep(0.2)
+            assert total == len(events)
+            async with session.get(f"{url}/readyz") as response:
+                assert response.status == 200
+            async with session.post(f"{url}/api/v1/analytics/run",
+                                    json={"reason": uuid.uuid4().hex}) as response:
+                assert response.status == 200, await response.text()
+                report = await response.json()
+            assert report["endpoints"] == 2
+            assert report["started_at"] >= now
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 60)
