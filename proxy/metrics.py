@@ -1,0 +1,75 @@
+"""Prometheus metrics of the data plane, and the `observe` step that records them.
+
+The request duration histogram follows the OpenTelemetry `http.server.request.duration`
+conventions (seconds, the OTel default buckets). With several workers, prometheus_client's
+multiprocess mode aggregates them: PROMETHEUS_MULTIPROC_DIR must be set before this module
+is imported (proxy/server.py does that).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Final
+
+from prometheus_client import Counter, Gauge, Histogram
+
+if TYPE_CHECKING:
+    from prometheus_client.metrics import Histogram as HistogramChild
+
+    from proxy.app import Exchange
+
+OTEL_DURATION_BUCKETS: Final = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0,
+                                2.5, 5.0, 7.5, 10.0)
+KNOWN_METHODS: Final = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS",
+                                  "CONNECT", "TRACE"})
+
+REQUEST_DURATION = Histogram(
+    "apigw_http_server_request_duration_seconds",
+    "Duration of HTTP server requests (OTel http.server.request.duration)",
+    ["route_id", "http_request_method", "status_class"], buckets=OTEL_DURATION_BUCKETS)
+ACTIVE_REQUESTS = Gauge("apigw_http_server_active_requests", "Requests in flight",
+                        multiprocess_mode="livesum")
+UPSTREAM_ERRORS = Counter("apigw_upstream_errors_total",
+                          "Upstream requests that failed, by upstream and error class",
+                          ["upstream", "error_type"])
+RATELIMIT_OUTCOMES = Counter("apigw_proxy_ratelimit_outcomes_total",
+                             "Requests by rate-limit outcome (allowed, limited, shadow_limited, "
+                             "error)", ["outcome"])
+CONFIG_INFO = Gauge("apigw_config_info", "The loaded gateway config (value 1)", ["version"],
+                    multiprocess_mode="livemax")
+WORKERS = Gauge("apigw_proxy_workers", "Worker processes alive (set by the supervisor)",
+                multiprocess_mode="livemax")
+WORKER_RESTARTS = Counter("apigw_proxy_worker_restarts_total", "Workers restarted after dying")
+_OUTCOMES: Final = {outcome: RATELIMIT_OUTCOMES.labels(outcome)
+                   for outcome in ("allowed", "limited", "shadow_limited", "error")}
+
+
+class ObserveStep:
+    """Counts requests in flight on the way in; records duration and errors on the way out."""
+
+    def __init__(self) -> None:
+        self._durations: dict[tuple[str, str, int], HistogramChild] = {}
+
+    async def access(self, ex: Exchange) -> None:
+        ACTIVE_REQUESTS.inc()
+        ex.observed = True
+
+    def log(self, ex: Exchange) -> None:
+        if not ex.observed:
+            return
+        ACTIVE_REQUESTS.dec()
+        event = ex.event
+        status = event.http_response_status_code
+        key = (event.route_id, event.http_request_method, status // 100)
+        child = self._durations.get(key)
+        if child is None:
+            method = key[1] if key[1] in KNOWN_METHODS else "_OTHER"
+            child = REQUEST_DURATION.labels(key[0], method, f"{key[2]}xx")
+            if len(self._durations) < 10_000:
+                self._durations[key] = child
+        child.observe(event.duration_ms / 1000.0)
+        error = event.error_type
+        if error.startswith("upstream_"):
+            UPSTREAM_ERRORS.labels(event.upstream, error).inc()
+        outcome = event.ratelimit_outcome
+        if outcome != "none":
+            _OUTCOMES[outcome].inc()

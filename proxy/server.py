@@ -1,0 +1,375 @@
+"""Run the proxy: one in-process worker, or a supervisor with N workers sharing the port.
+
+`serve(config_path, settings)` loads and validates the config (a ConfigError prints a clear
+message on stderr and returns 2), seeds the YAML policies into Redis (logged and skipped when
+Redis is down) and serves until SIGTERM/SIGINT: stop accepting, let in-flight requests finish
+within `shutdown_grace_s`, flush the events, exit 0.
+
+With `workers > 1` the parent spawns N worker processes that each bind the listen port with
+SO_REUSEPORT; the parent restarts a worker that dies, serves the admin port, and aggregates
+the workers' metrics with prometheus_client's multiprocess mode (PROMETHEUS_MULTIPROC_DIR, a
+temp dir, is set before any metric is imported). Workers are spawned, not forked, so none
+inherits an event loop or a Redis connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import multiprocessing
+import multiprocessing.connection
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from multiprocessing.context import SpawnProcess
+from multiprocessing.synchronize import Event as ProcessEvent
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final
+
+import uvloop
+
+from apigw.logs import configure
+from proxy.config import ConfigError, GatewayConfig, load_config
+from proxy.settings import ProxySettings, parse_listen
+
+if TYPE_CHECKING:
+    import redis.asyncio as aioredis
+    from aiohttp import web
+
+    from proxy.app import Gateway
+
+log = logging.getLogger(__name__)
+
+_MULTIPROC_ENV: Final = "PROMETHEUS_MULTIPROC_DIR"
+_CRASH_WINDOW_S: Final = 30.0
+_CRASH_LIMIT: Final = 5
+
+
+def serve(config_path: Path, settings: ProxySettings) -> int:
+    """Blocking: run the proxy until a signal; return the exit code."""
+    configure("proxy", settings.log_level)
+    try:
+        config = load_config(config_path)
+    except ConfigError as exc:
+        print(f"apigw proxy: invalid config\n{exc}", file=sys.stderr)
+        return 2
+    multiproc_dir = ""
+    if settings.workers > 1:
+        multiproc_dir = tempfile.mkdtemp(prefix="apigw-metrics-")
+        if "prometheus_client" in sys.modules and not os.environ.get(_MULTIPROC_ENV):
+            log.warning("prometheus_client was imported before multiprocess mode was set; "
+                        "the parent's own metrics are not aggregated")
+        os.environ[_MULTIPROC_ENV] = multiproc_dir
+    try:
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            if settings.workers == 1:
+                return runner.run(_run_single(config, settings))
+            return runner.run(_Supervisor(config, settings).run())
+    finally:
+        if multiproc_dir:
+            os.environ.pop(_MULTIPROC_ENV, None)
+            shutil.rmtree(multiproc_dir, ignore_errors=True)
+
+
+# --- pieces shared by both modes -------------------------------------------------------------
+
+def make_redis(settings: ProxySettings) -> aioredis.Redis:
+    import redis.asyncio as aioredis
+
+    return aioredis.Redis.from_url(settings.redis_url, socket_connect_timeout=1.0,
+                                   socket_timeout=5.0, health_check_interval=30)
+
+
+async def seed_policies(config: GatewayConfig, settings: ProxySettings,
+                        redis: aioredis.Redis) -> None:
+    from proxy.policy import RedisKeys
+    from proxy.policy_store import PolicyStore
+
+    policies = config.ratelimit.policies
+    try:
+        async with asyncio.timeout(5.0):
+            written = await PolicyStore(redis, RedisKeys(settings.key_prefix)).seed(policies)
+    except Exception as exc:  # Redis down: the workers still serve the YAML baseline
+        log.warning("could not seed policies into Redis; continuing with the config baseline",
+                    extra={"error": repr(exc)[:200], "policies": len(policies)})
+        return
+    log.info("policies seeded", extra={"policies": len(policies), "written": written})
+
+
+async def start_listener(gateway: Gateway, listen: str, *, reuse_port: bool = False,
+                         shutdown_grace_s: float = 10.0) -> web.ServerRunner:
+    """Serve the gateway on HOST:PORT; `runner.cleanup()` stops accepting and drains."""
+    from aiohttp import web
+
+    host, port = parse_listen(listen)
+    runner = web.ServerRunner(gateway.app, shutdown_timeout=shutdown_grace_s)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None, backlog=1024)
+    try:
+        await site.start()
+    except BaseException:
+        await runner.cleanup()
+        raise
+    return runner
+
+
+async def start_admin(app: web.Application, listen: str) -> web.AppRunner:
+    from aiohttp import web
+
+    host, port = parse_listen(listen)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, host, port).start()
+    except BaseException:
+        await runner.cleanup()
+        raise
+    return runner
+
+
+def _stop_event() -> asyncio.Event:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    return stop
+
+
+async def _serve_gateway(config: GatewayConfig, settings: ProxySettings,
+                         redis: aioredis.Redis, stop: asyncio.Event,
+                         on_ready: Callable[[Gateway], Any], reuse_port: bool) -> int:
+    """Start a gateway, serve until `stop`, drain and flush. Shared by single and worker."""
+    from proxy.app import Gateway
+
+    gateway = Gateway(config, settings, redis)
+    await gateway.start()
+    try:
+        runner = await start_listener(gateway, settings.listen, reuse_port=reuse_port,
+                                      shutdown_grace_s=settings.shutdown_grace_s)
+    except OSError as exc:
+        log.error("cannot listen", extra={"listen": settings.listen, "error": str(exc)})
+        await gateway.stop()
+        return 1
+    try:
+        await on_ready(gateway)
+        log.info("proxy listening", extra={"listen": settings.listen,
+                                           "config_version": gateway.version,
+                                           "routes": len(config.routes)})
+        await stop.wait()
+        log.info("shutting down: draining in-flight requests",
+                 extra={"grace_s": settings.shutdown_grace_s})
+        gateway.stopping = True
+    finally:
+        await runner.cleanup()
+        await gateway.stop()
+    if gateway.emitter is not None:
+        log.info("events flushed", extra=gateway.emitter.stats)
+    return 0
+
+
+# --- one process ----------------------------------------------------------------------------
+
+async def _run_single(config: GatewayConfig, settings: ProxySettings) -> int:
+    from prometheus_client import REGISTRY
+
+    from proxy.admin import build_admin_app, config_document
+
+    stop = _stop_event()
+    redis = make_redis(settings)
+    admin: web.AppRunner | None = None
+    try:
+        await seed_policies(config, settings, redis)
+
+        async def on_ready(gateway: Gateway) -> None:
+            nonlocal admin
+            from proxy.app import describe_steps
+
+            extra = {"workers": 1, "chain": describe_steps(gateway.steps)}
+            app = build_admin_app(gateway.readiness,
+                                  lambda: config_document(config, extra), REGISTRY)
+            admin = await start_admin(app, settings.admin_listen)
+
+        try:
+            return await _serve_gateway(config, settings, redis, stop, on_ready,
+                                        reuse_port=False)
+        except OSError as exc:
+            log.error("cannot listen on the admin port",
+                      extra={"listen": settings.admin_listen, "error": str(exc)})
+            return 1
+    finally:
+        if admin is not None:
+            await admin.cleanup()
+        await redis.aclose()
+
+
+# --- N workers --------------------------------------------------------------------------------
+
+def _worker_main(config: GatewayConfig, settings: ProxySettings, ready: ProcessEvent) -> None:
+    """Entry point of a spawned worker process."""
+    configure("proxy", settings.log_level)
+    settings = settings.for_worker()
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        code = runner.run(_run_worker(config, settings, ready))
+    sys.exit(code)
+
+
+async def _run_worker(config: GatewayConfig, settings: ProxySettings,
+                      ready: ProcessEvent) -> int:
+    stop = _stop_event()
+    redis = make_redis(settings)
+
+    async def on_ready(gateway: Gateway) -> None:
+        ready.set()
+
+    try:
+        return await _serve_gateway(config, settings, redis, stop, on_ready, reuse_port=True)
+    finally:
+        await redis.aclose()
+
+
+class _Worker:
+    def __init__(self, slot: int, process: SpawnProcess, ready: ProcessEvent) -> None:
+        self.slot = slot
+        self.process = process
+        self.ready = ready
+
+
+class _Supervisor:
+    """The parent of N workers: starts, watches and restarts them; serves the admin port."""
+
+    def __init__(self, config: GatewayConfig, settings: ProxySettings) -> None:
+        self.config = config
+        self.settings = settings
+        self.context = multiprocessing.get_context("spawn")
+        self.workers: dict[int, _Worker] = {}
+        self.restarts = 0
+        self._crashes: list[float] = []
+        self.stopping = False
+
+    def _spawn(self, slot: int) -> None:
+        ready = self.context.Event()
+        process = self.context.Process(target=_worker_main, name=f"apigw-proxy-{slot}",
+                                       args=(self.config, self.settings, ready))
+        process.start()
+        self.workers[slot] = _Worker(slot, process, ready)
+        log.info("worker started", extra={"slot": slot, "worker_pid": process.pid})
+
+    async def run(self) -> int:
+        from prometheus_client import CollectorRegistry
+        from prometheus_client.multiprocess import MultiProcessCollector
+
+        from proxy.admin import build_admin_app, config_document
+        from proxy.metrics import WORKERS
+
+        stop = _stop_event()
+        redis = make_redis(self.settings)
+        admin: web.AppRunner | None = None
+        code = 0
+        try:
+            await seed_policies(self.config, self.settings, redis)
+            for slot in range(self.settings.workers):
+                self._spawn(slot)
+            registry = CollectorRegistry()
+            MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+            extra = {"workers": self.settings.workers}
+            app = build_admin_app(lambda: self.readiness(redis),
+                                  lambda: config_document(self.config, extra), registry,
+                                  threaded_metrics=True)
+            try:
+                admin = await start_admin(app, self.settings.admin_listen)
+            except OSError as exc:
+                log.error("cannot listen on the admin port",
+                          extra={"listen": self.settings.admin_listen, "error": str(exc)})
+                return 1
+            while not stop.is_set():
+                if not self._reap_and_restart():
+                    code = 1
+                    break
+                WORKERS.set(sum(w.process.is_alive() for w in self.workers.values()))
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(0.25):
+                        await stop.wait()
+            log.info("shutting down workers", extra={"grace_s": self.settings.shutdown_grace_s})
+        finally:
+            self.stopping = True
+            await self._stop_workers()
+            if admin is not None:
+                await admin.cleanup()
+            await redis.aclose()
+        return code
+
+    def _reap_and_restart(self) -> bool:
+        """Restart dead workers; False when they crash in a loop (give up)."""
+        from prometheus_client import multiprocess
+
+        from proxy.metrics import WORKER_RESTARTS
+
+        for slot, worker in list(self.workers.items()):
+            if worker.process.is_alive():
+                continue
+            worker.process.join(0)
+            pid, exitcode = worker.process.pid, worker.process.exitcode
+            if pid is not None:
+                multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]
+            now = time.monotonic()
+            self._crashes = [t for t in self._crashes if now - t < _CRASH_WINDOW_S] + [now]
+            if len(self._crashes) > _CRASH_LIMIT:
+                log.error("workers keep dying; giving up",
+                          extra={"slot": slot, "exitcode": exitcode,
+                                 "deaths": len(self._crashes), "window_s": _CRASH_WINDOW_S})
+                return False
+            log.warning("worker died; restarting",
+                        extra={"slot": slot, "worker_pid": pid, "exitcode": exitcode})
+            self.restarts += 1
+            WORKER_RESTARTS.inc()
+            self._spawn(slot)
+        return True
+
+    async def _stop_workers(self) -> None:
+        for worker in self.workers.values():
+            if worker.process.is_alive() and worker.process.pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(worker.process.pid, signal.SIGTERM)
+        deadline = time.monotonic() + self.settings.shutdown_grace_s + 10.0
+        while True:
+            alive = [w.process.sentinel for w in self.workers.values() if w.process.is_alive()]
+            remaining = deadline - time.monotonic()
+            if not alive or remaining <= 0:
+                break
+            await asyncio.to_thread(multiprocessing.connection.wait, alive, min(remaining, 1.0))
+        for worker in self.workers.values():
+            if worker.process.is_alive():
+                log.error("worker did not stop in time; killing",
+                          extra={"worker_pid": worker.process.pid})
+                worker.process.kill()
+            worker.process.join(5)
+            if worker.process.exitcode not in (0, None):
+                log.warning("worker exited with an error",
+                            extra={"worker_pid": worker.process.pid,
+                                   "exitcode": worker.process.exitcode})
+
+    async def readiness(self, redis: aioredis.Redis) -> tuple[bool, dict[str, Any]]:
+        redis_ok, redis_error = True, ""
+        try:
+            async with asyncio.timeout(0.5):
+                await redis.ping()
+        except Exception as exc:  # any failure means "not reachable", reported as such
+            redis_ok, redis_error = False, type(exc).__name__
+        alive = [w for w in self.workers.values() if w.process.is_alive()]
+        ready = [w for w in alive if w.ready.is_set()]
+        fail_mode = self.config.ratelimit.fail_mode
+        expected = self.settings.workers
+        is_ready = (not self.stopping and len(ready) == expected
+                    and (redis_ok or fail_mode == "open"))
+        detail = {"status": ("ready" if redis_ok else "degraded") if is_ready else "not_ready",
+                  "workers": {"expected": expected, "alive": len(alive), "ready": len(ready),
+                              "restarts": self.restarts,
+                              "pids": [w.process.pid for w in alive]},
+                  "redis": {"reachable": redis_ok, "error": redis_error},
+                  "ratelimit": {"fail_mode": fail_mode}}
+        return is_ready, detail

@@ -1,0 +1,58 @@
+"""Deployment settings of the proxy process, from `APIGW_*` environment variables."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+from pydantic import Field, PrivateAttr, field_validator, model_validator
+
+from apigw.settings import CommonSettings
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """Split "host:port" into its parts; raise ValueError with the expected shape."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{value!r} is not HOST:PORT (e.g. 127.0.0.1:8080)")
+    return host.strip("[]"), int(port)
+
+
+class ProxySettings(CommonSettings):
+    config: Path | None = Field(default=None, description="Gateway YAML (APIGW_CONFIG).")
+    listen: str = Field(default="127.0.0.1:8080", description="Where clients connect.")
+    admin_listen: str = Field(default="127.0.0.1:9090",
+                              description="Health, readiness, metrics and config.")
+    workers: int = Field(default=1, ge=1, le=256, description="Worker processes sharing listen.")
+    shutdown_grace_s: float = Field(default=10.0, ge=0, le=600,
+                                    description="How long in-flight requests may finish.")
+    redis_timeout_s: float = Field(default=0.1, gt=0, le=5,
+                                   description="Budget of a rate-limit check on the hot path.")
+
+    _default_instance: bool = PrivateAttr(default=False)
+
+    @field_validator("listen", "admin_listen")
+    @classmethod
+    def _host_port(cls, value: str) -> str:
+        parse_listen(value)
+        return value
+
+    @model_validator(mode="after")
+    def _name_instance(self) -> ProxySettings:
+        if not self.instance:
+            self.instance = _instance_name()
+            self._default_instance = True
+        return self
+
+    def for_worker(self) -> ProxySettings:
+        """The settings as seen by a worker process: a defaulted instance name gets its pid."""
+        if not self._default_instance:
+            return self
+        copy = self.model_copy(update={"instance": _instance_name()})
+        copy._default_instance = True
+        return copy
+
+
+def _instance_name() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
