@@ -12,6 +12,20 @@ venv=".venv"
 
 say() { printf 'bootstrap: %s\n' "$*"; }
 
+# The first of python3.11, python3 (or $PYTHON) that is at least 3.11.
+find_python() {
+    local candidate
+    for candidate in ${PYTHON:-} python3.11 python3.12 python3.13 python3; do
+        command -v "$candidate" >/dev/null 2>&1 || continue
+        if "$candidate" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)' \
+                2>/dev/null; then
+            command -v "$candidate"
+            return 0
+        fi
+    done
+    return 1
+}
+
 # Pids of redis-server processes run by the Debian package's service: the binary
 # /usr/bin/redis-server running as the `redis` user. Test fixtures and anyone else's servers
 # (other users, other binaries) never match. Reads /proc: pgrep may be missing.
