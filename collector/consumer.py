@@ -8,9 +8,15 @@ Delivery guarantees, and how:
 - At most once: every insert carries `insert_deduplication_token`, a hash of the batch's entry
   ids, and the tables keep a deduplication window, so inserting the same batch again (crash
   between insert and XACK, a lost XACK reply) adds nothing to `events` or to the rollups.
-  The same batch is always re-formed because a consumer has at most one batch in flight, and
-  reclaiming takes over one dead consumer's whole pending list at once (XPENDING + XCLAIM,
-  rather than XAUTOCLAIM, which would cut across consumers' batches and change the token).
+  The same batch is always re-formed: a consumer's pending list is always full batches
+  (`read_count` entries) followed by at most one partial one (it reads ahead only after a
+  full batch), and it is re-read, or reclaimed from a dead consumer, `read_count` entries at a
+  time in id order (XPENDING + XCLAIM of one consumer's entries, rather than XAUTOCLAIM,
+  which would cut across consumers' batches and change the token). Changing `read_count`
+  while entries are pending breaks this for those entries: drain first.
+- Throughput: entries are decoded to Arrow (collector/batch.py) and inserted as one Arrow
+  table; while a full batch is being inserted (in a worker thread, the GIL released), the
+  next one is read and decoded.
 - Nothing poisons the pipeline: an undecodable entry, or an event whose fields have the wrong
   type, goes to the dead-letter stream with the reason, then is acknowledged.
 - ClickHouse down: the insert is retried with exponential back-off, nothing is acknowledged,
@@ -21,122 +27,33 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import hashlib
 import logging
-import math
 import time
 from collections.abc import Sequence
-from itertools import repeat
-from typing import Any, Final
+from typing import Any
 
-import orjson
+import pyarrow as pa
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
 from collector import metrics
+from collector.batch import (
+    COLUMNS,
+    Batch,
+    Entry,
+    RowError,
+    build_batch,
+    event_columns,
+    event_row,
+)
 from collector.clickhouse import SharedClient
 from collector.settings import CollectorSettings
-from proxy.event import EVENT_FIELDS, EventDecodeError, RequestEvent, decode_batch
+
+__all__ = ["COLUMNS", "Batch", "Collector", "RowError", "batch_token", "build_batch",
+           "entry_age_s", "event_columns", "event_row"]
 
 log = logging.getLogger(__name__)
-
-Entry = tuple[str, dict[bytes, bytes] | None]
-
-# Column bounds for integer fields; the others are UInt64 (see collector/schema.py).
-_INT_BOUNDS: Final = {"http_response_status_code": 0xFFFF, "schema_version": 0xFF,
-                      "retries": 0xFFFF}
-_UINT64_MAX: Final = 2**64 - 1
-_MAX_TIMESTAMP: Final = 10_413_792_000.0  # 2300-01-01, past DateTime64's range end
-
-
-class RowError(ValueError):
-    """An event whose fields can't be stored in the events table."""
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class _Column:
-    name: str
-    kind: str  # timestamp | str | int | float
-    default: Any
-    high: int = _UINT64_MAX
-
-
-def _columns() -> tuple[_Column, ...]:
-    columns = []
-    for field in dataclasses.fields(RequestEvent):
-        kind = "timestamp" if field.name == "timestamp" else str(field.type)
-        if kind not in ("timestamp", "str", "int", "float"):
-            raise TypeError(f"RequestEvent.{field.name} has type {field.type}: teach the "
-                            "collector to store it")
-        default = None if field.default is dataclasses.MISSING else field.default
-        columns.append(_Column(field.name, kind, default,
-                               _INT_BOUNDS.get(field.name, _UINT64_MAX)))
-    return tuple(columns)
-
-
-COLUMNS: Final = _columns()
-assert tuple(c.name for c in COLUMNS) == EVENT_FIELDS
-
-
-def _bad(column: _Column, value: Any) -> RowError:
-    return RowError(f"field {column.name}: {value!r} is not a valid {column.kind}")
-
-
-def _convert(column: _Column, value: Any) -> Any:
-    kind = column.kind
-    if kind == "str":
-        if type(value) is str:
-            return value
-    elif kind == "int":
-        if type(value) is int and 0 <= value <= column.high:
-            return value
-    elif kind == "float":
-        if type(value) in (float, int) and math.isfinite(value):
-            return float(value)
-    elif type(value) in (float, int) and 0 <= value < _MAX_TIMESTAMP:
-        return round(value * 1000)  # DateTime64(3) ticks: epoch milliseconds, UTC
-    raise _bad(column, value)
-
-
-def event_row(event: dict[str, Any]) -> list[Any]:
-    """One event as a row in EVENT_FIELDS order; RowError if a field can't be stored."""
-    return [_convert(c, event.get(c.name, c.default)) for c in COLUMNS]
-
-
-def _column_ok(column: _Column, values: list[Any]) -> bool:
-    types = set(map(type, values))
-    kind = column.kind
-    if kind == "str":
-        return types <= {str}
-    if kind == "int":
-        return types <= {int} and (not values or (min(values) >= 0 and
-                                                  max(values) <= column.high))
-    if not types <= {float, int}:
-        return False
-    if kind == "timestamp":
-        return not values or (min(values) >= 0 and max(values) < _MAX_TIMESTAMP)
-    return all(map(math.isfinite, values))
-
-
-def event_columns(events: Sequence[dict[str, Any]]) -> list[list[Any]] | None:
-    """All events as columns in EVENT_FIELDS order, or None if any event has a bad field.
-
-    The fast path: one pass per column, in C where possible, instead of a call per value.
-    """
-    columns: list[list[Any]] = []
-    for column in COLUMNS:
-        values: list[Any] = list(map(dict.get, events, repeat(column.name),
-                                     repeat(column.default)))
-        if not _column_ok(column, values):
-            return None
-        if column.kind == "timestamp":
-            values = [round(v * 1000) for v in values]  # DateTime64(3) ticks
-        elif column.kind == "float" and int in set(map(type, values)):
-            values = list(map(float, values))
-        columns.append(values)
-    return columns
-
 
 def batch_token(entry_ids: Sequence[str]) -> str:
     """The insert deduplication token of a batch: a function of its stream entry ids only."""
@@ -160,67 +77,6 @@ def _fields(raw: dict[Any, Any] | None) -> dict[bytes, bytes] | None:
         return None
     return {(k.encode() if isinstance(k, str) else k): (v.encode() if isinstance(v, str) else v)
             for k, v in raw.items()}
-
-
-@dataclasses.dataclass(slots=True)
-class _DeadLetter:
-    entry_id: str
-    reason: str
-    fields: dict[bytes, bytes]
-
-
-@dataclasses.dataclass(slots=True)
-class Batch:
-    """What one read of the stream turned into: rows to insert, entries to dead-letter."""
-
-    entry_ids: list[str]
-    columns: list[list[Any]]
-    rows: int
-    events_in: int
-    dead: list[_DeadLetter]
-
-
-def build_batch(entries: Sequence[Entry]) -> Batch:
-    """Decode and convert stream entries; poison entries and bad events become dead letters."""
-    dead: list[_DeadLetter] = []
-    good: list[tuple[str, list[dict[str, Any]]]] = []
-    for entry_id, fields in entries:
-        if not fields:
-            dead.append(_DeadLetter(entry_id, "entry was deleted from the stream before it "
-                                              "was stored (stream trimmed by MAXLEN?)", {}))
-            continue
-        try:
-            version = fields.get(b"v")
-            payload = fields.get(b"b")
-            if version is None or payload is None:
-                raise EventDecodeError("entry lacks the fields v and b")
-            good.append((entry_id, decode_batch(version, payload)))
-        except EventDecodeError as exc:
-            dead.append(_DeadLetter(entry_id, f"undecodable entry: {exc}", fields))
-    events = [event for _, batch in good for event in batch]
-    decoded = len(events)
-    columns = event_columns(events)
-    if columns is None:  # some event has a bad field: find them one by one
-        events = []
-        for entry_id, batch in good:
-            rejected: list[dict[str, Any]] = []
-            reasons: list[str] = []
-            for event in batch:
-                try:
-                    event_row(event)
-                except RowError as exc:
-                    rejected.append(event)
-                    reasons.append(str(exc))
-                else:
-                    events.append(event)
-            if rejected:
-                dead.append(_DeadLetter(
-                    entry_id, f"{len(rejected)} event(s) with bad fields: " + "; ".join(
-                        sorted(set(reasons))[:5]),
-                    {b"v": b"1", b"b": orjson.dumps(rejected)}))
-        columns = event_columns(events)
-        assert columns is not None
-    return Batch([entry_id for entry_id, _ in entries], columns, len(events), decoded, dead)
 
 
 class Collector:
@@ -302,7 +158,7 @@ class Collector:
                 return await self._handle(entries, stop)
             self._next_claim = now + self.settings.claim_interval_s
         entries = await self._read(">", block_ms=block_ms or self.settings.block_ms)
-        return await self._handle(entries, stop) if entries else 0
+        return await self._handle(entries, stop, prefetch=True) if entries else 0
 
     # -- stream operations ------------------------------------------------------------------
 
@@ -393,16 +249,50 @@ class Collector:
 
     # -- one batch --------------------------------------------------------------------------
 
-    async def _handle(self, entries: list[Entry], stop: asyncio.Event) -> int:
+    async def _handle(self, entries: list[Entry], stop: asyncio.Event,
+                      prefetch: bool = False) -> int:
+        """Store `entries` as one batch; return the number of entries handled.
+
+        With `prefetch`, while a full batch (`read_count` entries) is being inserted, the next
+        one is read and decoded, and stored in turn. Only after a full batch: a consumer's
+        pending list is then always full batches followed by at most one partial batch, so
+        re-reading it `read_count` entries at a time after a crash forms the same batches,
+        with the same deduplication tokens.
+        """
+        handled = 0
+        batch = await asyncio.to_thread(_build_timed, entries)
+        while True:
+            self._count_read(entries, batch)
+            insert = asyncio.create_task(self._insert(batch, stop)) if batch.rows else None
+            following: list[Entry] = []
+            following_batch: Batch | None = None
+            if prefetch and len(entries) >= self.settings.read_count and not stop.is_set():
+                try:
+                    following = await self._read(">", block_ms=None)
+                    if following:
+                        following_batch = await asyncio.to_thread(_build_timed, following)
+                except (RedisError, OSError) as exc:
+                    # What was delivered (if anything) is pending: re-read it next step.
+                    log.warning("read-ahead failed", extra={"error": repr(exc)[:200]})
+                    self._own_pending = True
+                    following, following_batch = [], None
+            if insert is not None and not await insert:
+                self._own_pending = True  # stopped while ClickHouse was down: entries stay pending
+                return handled + len(entries)
+            await self._ack(batch)
+            self._count_stored(batch)
+            handled += len(entries)
+            if following_batch is None:
+                return handled
+            entries, batch = following, following_batch
+
+    def _count_read(self, entries: list[Entry], batch: Batch) -> None:
         self.stats["entries_read"] += len(entries)
         metrics.ENTRIES_READ.inc(len(entries))
-        batch = await asyncio.to_thread(build_batch, entries)
         self.stats["events_in"] += batch.events_in
         metrics.EVENTS_IN.inc(batch.events_in)
-        if batch.rows and not await self._insert(batch, stop):
-            self._own_pending = True  # stopped while ClickHouse was down: entries stay pending
-            return len(entries)
-        await self._ack(batch)
+
+    def _count_stored(self, batch: Batch) -> None:
         self.stats["batches"] += 1
         self.stats["rows_written"] += batch.rows
         metrics.ROWS_WRITTEN.inc(batch.rows)
@@ -412,7 +302,6 @@ class Collector:
             for letter in batch.dead:
                 log.warning("dead-lettered a stream entry",
                             extra={"entry_id": letter.entry_id, "reason": letter.reason})
-        return len(entries)
 
     async def _insert(self, batch: Batch, stop: asyncio.Event) -> bool:
         """Insert the batch, retrying with back-off; False if stopped before it succeeded."""
@@ -421,7 +310,7 @@ class Collector:
         while True:
             started = time.perf_counter()
             try:
-                await asyncio.to_thread(self._insert_sync, batch.columns, token)
+                await asyncio.to_thread(self._insert_sync, batch.table, token)
             except Exception as exc:  # any failure: the stream keeps the batch, try again
                 self.stats["insert_errors"] += 1
                 self.last_insert_error = f"{type(exc).__name__}: {str(exc)[:200]}"
@@ -437,12 +326,16 @@ class Collector:
             metrics.BATCH_ROWS.observe(batch.rows)
             return True
 
-    def _insert_sync(self, columns: list[list[Any]], token: str) -> None:
+    def _insert_sync(self, table: pa.Table, token: str) -> None:
         with self.ch.lock:
-            self.ch.client.insert(
-                "events", columns, column_names=list(EVENT_FIELDS), column_oriented=True,
-                settings={"insert_deduplication_token": token,
-                          "deduplicate_blocks_in_dependent_materialized_views": 1})
+            started = time.thread_time()
+            try:
+                self.ch.client.insert_arrow(
+                    "events", table,
+                    settings={"insert_deduplication_token": token,
+                              "deduplicate_blocks_in_dependent_materialized_views": 1})
+            finally:
+                metrics.INSERT_CPU.inc(time.thread_time() - started)
 
     async def _ack(self, batch: Batch) -> None:
         """Dead letters and the acknowledgement in one MULTI: both happen or neither does."""
@@ -456,6 +349,14 @@ class Collector:
                           maxlen=self.settings.dead_letter_maxlen, approximate=True)
             pipe.xack(self.stream, self.group, *batch.entry_ids)
             await pipe.execute()
+
+
+def _build_timed(entries: list[Entry]) -> Batch:
+    started = time.thread_time()
+    try:
+        return build_batch(entries)
+    finally:
+        metrics.DECODE_CPU.inc(time.thread_time() - started)
 
 
 def _id_key(entry_id: str) -> tuple[int, int]:

@@ -25,3 +25,8 @@ LAG_ENTRIES = Gauge("apigw_collector_lag_entries",
                     "Stream entries not yet acknowledged by the group (undelivered + pending).")
 LAG_SECONDS = Gauge("apigw_collector_lag_seconds",
                     "Age of the oldest stream entry the group has not acknowledged.")
+DECODE_CPU = Counter("apigw_collector_decode_cpu_seconds_total",
+                     "CPU time spent decoding stream entries into Arrow batches.")
+INSERT_CPU = Counter("apigw_collector_insert_cpu_seconds_total",
+                     "CPU time of the inserting thread (with the embedded store it includes the "
+                     "engine's work in that thread).")
