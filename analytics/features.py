@@ -13,6 +13,7 @@ import asyncio
 from collections.abc import Sequence
 from typing import Any, Final
 
+import numpy as np
 import pandas as pd
 
 from analytics.models import Endpoint
@@ -22,8 +23,9 @@ ENDPOINT_COLUMNS: Final = ["route_id", "http_request_method", "http_route"]
 ENDPOINT_MINUTE_COLUMNS: Final = [
     "minute", *ENDPOINT_COLUMNS, "requests", "errors_5xx", "errors_4xx", "rate_limited",
     "auth_failures", "p50_ms", "p95_ms", "p99_ms", "clients", "top_client",
-    "top_client_requests", "top_client_share",
+    "top_client_requests", "top_client_share", "top_paths_client", "top_client_paths",
 ]
+COUNT_COLUMNS: Final = ["requests", "errors_5xx", "errors_4xx", "rate_limited", "auth_failures"]
 CLIENT_MINUTE_COLUMNS: Final = [
     "minute", *ENDPOINT_COLUMNS, "client", "requests", "errors_5xx", "errors_4xx",
     "rate_limited", "auth_failures",
@@ -43,15 +45,51 @@ ORDER BY route_id, http_request_method, http_route, minute
 _TOP_CLIENT_SQL: Final = """
 SELECT minute, route_id, http_request_method, http_route,
        argMax(client, client_requests) AS top_client,
-       max(client_requests) AS top_client_requests
+       max(client_requests) AS top_client_requests,
+       argMax(client, client_paths) AS top_paths_client,
+       max(client_paths) AS top_client_paths
 FROM (
     SELECT minute, route_id, http_request_method, http_route, client,
-           sum(requests) AS client_requests
+           sum(requests) AS client_requests, uniqMerge(paths) AS client_paths
     FROM events_client_1m
     WHERE minute >= toDateTime({start:Int64}, 'UTC') AND minute <= toDateTime({end:Int64}, 'UTC')
     GROUP BY minute, route_id, http_request_method, http_route, client
 )
 GROUP BY minute, route_id, http_request_method, http_route
+"""
+
+_SEASON_SQL: Final = """
+SELECT minute, route_id, http_request_method, http_route, sum(requests) AS requests
+FROM events_1m
+WHERE minute >= toDateTime({start:Int64}, 'UTC') AND minute < toDateTime({end:Int64}, 'UTC')
+  AND (toUnixTimestamp(minute) + {shift:UInt32}) % 86400 <= {width:UInt32}
+GROUP BY minute, route_id, http_request_method, http_route
+"""
+
+_UNMATCHED_PATHS_SQL: Final = """
+SELECT url_path, count() AS hits
+FROM events
+WHERE route_id = '' AND http_request_method = {method:String} AND http_route = ''
+  AND timestamp >= toDateTime64({start:Float64}, 3, 'UTC')
+  AND timestamp < toDateTime64({end:Float64}, 3, 'UTC')
+GROUP BY url_path
+ORDER BY hits DESC, url_path
+LIMIT {limit:UInt32}
+"""
+
+_POLICY_CLIENTS_SQL: Final = """
+SELECT if(client_id != '', client_id, client_address) AS client, count() AS requests,
+       countIf(ratelimit_policy_id = {policy_id:String} AND ratelimit_outcome = 'limited')
+           AS limited,
+       countIf(ratelimit_policy_id = {policy_id:String}
+               AND ratelimit_outcome = 'shadow_limited') AS shadow_limited
+FROM events
+WHERE route_id = {route_id:String} AND http_request_method = {method:String}
+  AND timestamp >= toDateTime64({start:Float64}, 3, 'UTC')
+  AND timestamp < toDateTime64({end:Float64}, 3, 'UTC')
+GROUP BY client
+ORDER BY limited + shadow_limited DESC, requests DESC, client
+LIMIT {limit:UInt32}
 """
 
 _CLIENT_MINUTES_SQL: Final = """
@@ -125,22 +163,89 @@ async def endpoint_minutes(ch: SharedClient, start: float, end: float) -> pd.Dat
     for name in ENDPOINT_COLUMNS:
         frame[name] = frame[name].astype(str)
     if top.empty:
-        frame["top_client"] = ""
-        frame["top_client_requests"] = 0
+        frame["top_client"] = frame["top_paths_client"] = ""
+        frame["top_client_requests"] = frame["top_client_paths"] = 0
     else:
         top["minute"] = _utc_minutes(top["minute"])
-        for name in [*ENDPOINT_COLUMNS, "top_client"]:
+        for name in [*ENDPOINT_COLUMNS, "top_client", "top_paths_client"]:
             top[name] = top[name].astype(str)
         frame = frame.merge(top, on=["minute", *ENDPOINT_COLUMNS], how="left")
-        frame["top_client"] = frame["top_client"].fillna("")
-        frame["top_client_requests"] = frame["top_client_requests"].fillna(0)
+        for name in ("top_client", "top_paths_client"):
+            frame[name] = frame[name].fillna("")
+        for name in ("top_client_requests", "top_client_paths"):
+            frame[name] = frame[name].fillna(0)
     for name in ("requests", "errors_5xx", "errors_4xx", "rate_limited", "auth_failures",
-                 "clients", "top_client_requests"):
+                 "clients", "top_client_requests", "top_client_paths"):
         frame[name] = frame[name].astype("int64")
     frame["top_client_share"] = (frame["top_client_requests"]
                                  / frame["requests"].where(frame["requests"] > 0)).fillna(0.0)
     frame = frame.sort_values([*ENDPOINT_COLUMNS, "minute"], kind="stable")
     return frame[ENDPOINT_MINUTE_COLUMNS].reset_index(drop=True)
+
+
+async def season_minutes(ch: SharedClient, start: float, end: float, *,
+                         time_of_day: tuple[float, float] | None = None) -> pd.DataFrame:
+    """Requests per endpoint and minute in [start, end): the history of seasonal baselines.
+
+    `time_of_day` = (from, to) epoch seconds less than a day apart: only minutes whose time
+    of day falls in that span (on every day) are read - all that seasonal baselines of the
+    windows in it need. Columns: ENDPOINT_MINUTE_COLUMNS with only the counts of requests
+    (the others are NaN or empty), so these rows can precede `endpoint_minutes` rows.
+    """
+    parameters = _minute_bounds(start, end)
+    low, high = time_of_day or (0.0, 86_399.0)
+    parameters["shift"] = int((86_400 - int(low) % 86_400) % 86_400)
+    parameters["width"] = int(min(max(high - low, 0), 86_399))
+    frame = await asyncio.to_thread(_query_df, ch, _SEASON_SQL, parameters)
+    if frame.empty:
+        return _empty(ENDPOINT_MINUTE_COLUMNS)
+    frame["minute"] = _utc_minutes(frame["minute"])
+    for name in ENDPOINT_COLUMNS:
+        frame[name] = frame[name].astype(str)
+    frame["requests"] = frame["requests"].astype("int64")
+    for name in ENDPOINT_MINUTE_COLUMNS:
+        if name not in frame.columns:
+            text = name in ("top_client", "top_paths_client")
+            frame[name] = "" if text else float("nan")
+    return frame[ENDPOINT_MINUTE_COLUMNS].reset_index(drop=True)
+
+
+def complete_minutes(frame: pd.DataFrame, until: pd.Timestamp, step_s: float = 60.0,
+                     ) -> pd.DataFrame:
+    """Add the missing minutes of each endpoint, from its first minute to `until`, as windows
+    with no requests (0 counts, NaN latency), so that an outage is a window and not a gap."""
+    if frame.empty:
+        return frame
+    minutes = pd.DatetimeIndex(pd.to_datetime(frame["minute"], utc=True))
+    seconds = minutes.as_unit("s").asi8
+    step = int(step_s)
+    codes = frame.groupby(ENDPOINT_COLUMNS, sort=False).ngroup().to_numpy()
+    slot = (seconds - seconds.min()) // step
+    last = max(int(slot.max()), int((int(until.timestamp()) - seconds.min()) // step))
+    first = np.full(int(codes.max()) + 1, last + 1)
+    np.minimum.at(first, codes, slot)
+    present = np.zeros((len(first), last + 1), dtype=bool)
+    present[codes, slot] = True
+    present |= np.arange(last + 1)[None, :] < first[:, None]
+    missing_code, missing_slot = np.nonzero(~present)
+    if not len(missing_code):
+        return frame
+    keys = frame[ENDPOINT_COLUMNS].assign(_code=codes).drop_duplicates("_code").set_index(
+        "_code")
+    added = keys.loc[missing_code].reset_index(drop=True)
+    added.insert(0, "minute", pd.to_datetime(seconds.min() + missing_slot * step, unit="s",
+                                             utc=True))
+    for name in frame.columns:
+        if name in added.columns:
+            continue
+        if name in COUNT_COLUMNS or name in ("clients", "top_client_requests",
+                                              "top_client_share", "top_client_paths"):
+            added[name] = 0
+        elif frame[name].dtype == object or str(frame[name].dtype) in ("str", "string"):
+            added[name] = ""
+        else:
+            added[name] = np.nan
+    return pd.concat([frame, added[frame.columns]], ignore_index=True)
 
 
 async def client_minutes(ch: SharedClient, endpoints: Sequence[Endpoint], start: float,
@@ -181,3 +286,31 @@ async def examples(ch: SharedClient, endpoint: Endpoint, start: float, end: floa
     request_ids = [str(row[0]) for row in rows if row[0]]
     trace_ids = [str(row[1]) for row in rows if row[1]]
     return request_ids, trace_ids
+
+
+async def unmatched_paths(ch: SharedClient, method: str, start: float, end: float, *,
+                          limit: int = 10) -> list[tuple[str, int]]:
+    """The most requested undeclared url paths (route id '') of one method in [start, end)."""
+    parameters = {"method": method, "start": float(start), "end": float(end),
+                  "limit": int(limit)}
+    rows = await asyncio.to_thread(_query_rows, ch, _UNMATCHED_PATHS_SQL, parameters)
+    return [(str(row[0]), int(row[1])) for row in rows]
+
+
+async def policy_clients(ch: SharedClient, route_id: str, method: str, policy_id: str,
+                         start: float, end: float, *, limit: int = 1000) -> pd.DataFrame:
+    """Per client on one route + method in [start, end): requests, and how many of them
+    `policy_id` limited (enforce) or would have limited (shadow). Raw events, bounded by the
+    sort key prefix, the time range and LIMIT; columns client, requests, limited,
+    shadow_limited."""
+    parameters = {"route_id": route_id, "method": method, "policy_id": policy_id,
+                  "start": float(start), "end": float(end), "limit": int(limit)}
+    frame = await asyncio.to_thread(_query_df, ch, _POLICY_CLIENTS_SQL, parameters)
+    columns = ["client", "requests", "limited", "shadow_limited"]
+    if frame.empty:
+        return pd.DataFrame({"client": pd.Series(dtype="object"),
+                             **{name: pd.Series(dtype="int64") for name in columns[1:]}})
+    frame["client"] = frame["client"].astype(str)
+    for name in columns[1:]:
+        frame[name] = frame[name].astype("int64")
+    return frame[columns]

@@ -15,7 +15,7 @@ import hashlib
 import logging
 import time
 from collections.abc import Sequence
-from typing import Any, Final
+from typing import Final
 
 import pandas as pd
 import redis.asyncio as aioredis
@@ -23,17 +23,20 @@ from prometheus_client import Counter, Gauge, Histogram
 from pydantic import BaseModel, Field
 
 from analytics import features
-from analytics.detectors import (
-    ClientDominanceDetector,
-    ErrorSpikeDetector,
-    severity,
-)
+from analytics.detectors import severity
+from analytics.guardrails import Guardrails
 from analytics.models import Anomaly, AnomalyKind, Endpoint, Recommendation
-from analytics.recommend import LimitRecommender, build_recommendation, contributors
+from analytics.recommend import (
+    LimitRecommender,
+    build_recommendation,
+    contributors,
+    current_policy,
+)
+from analytics.scoring import detect_all
 from analytics.settings import AnalyticsSettings
 from analytics.writeback import LeaderLease, WriteBack
 from collector.clickhouse import SharedClient
-from proxy.policy import Mode, Policy, RedisKeys
+from proxy.policy import RedisKeys
 from proxy.policy_store import PolicyStore
 
 log = logging.getLogger(__name__)
@@ -55,8 +58,22 @@ ANOMALY_COLUMNS: Final = [
     "example_request_ids", "example_trace_ids", "summary",
 ]
 MAX_EXAMPLE_QUERIES: Final = 50  # per run: evidence is bounded, whatever is flagged
-_METRIC_OF_KIND: Final = {AnomalyKind.ERROR_SPIKE: "errors_5xx",
-                          AnomalyKind.CLIENT_DOMINANCE: "requests"}
+# The per-client figure whose share names an anomaly's contributors (none: no blame).
+_METRIC_OF_KIND: Final[dict[AnomalyKind, str | None]] = {
+    AnomalyKind.ERROR_SPIKE: "errors_5xx", AnomalyKind.CLIENT_DOMINANCE: "requests",
+    AnomalyKind.TRAFFIC_SURGE: "requests", AnomalyKind.AUTH_FAILURE_BURST: "auth_failures",
+    AnomalyKind.ENUMERATION: "requests", AnomalyKind.UNDECLARED_ENDPOINT: "requests",
+    AnomalyKind.LATENCY_REGRESSION: None, AnomalyKind.TRAFFIC_DROP: None,
+}
+# Kinds a per-client limit can help with; the others are reported, not limited.
+LIMITABLE: Final = frozenset({AnomalyKind.ERROR_SPIKE, AnomalyKind.CLIENT_DOMINANCE,
+                              AnomalyKind.TRAFFIC_SURGE, AnomalyKind.AUTH_FAILURE_BURST,
+                              AnomalyKind.ENUMERATION})
+# Status floor of example requests per kind (evidence shows the failing requests).
+_EXAMPLE_STATUS: Final = {AnomalyKind.ERROR_SPIKE: 500, AnomalyKind.AUTH_FAILURE_BURST: 400}
+# Kinds whose examples come from the top contributor rather than from anyone.
+_BLAME_EXAMPLES: Final = frozenset({AnomalyKind.CLIENT_DOMINANCE, AnomalyKind.ENUMERATION,
+                                    AnomalyKind.AUTH_FAILURE_BURST, AnomalyKind.TRAFFIC_SURGE})
 
 
 class RunReport(BaseModel):
@@ -68,6 +85,7 @@ class RunReport(BaseModel):
     applied: list[str] = Field(default_factory=list)  # recommendation ids applied in this run
     new_anomalies: int = 0  # of `anomalies`, how many were recorded by this run
     leader: bool = False  # False: computed only, nothing written
+    guardrail_actions: list[str] = Field(default_factory=list)  # "<action> <rec id>: why"
 
 
 def anomaly_id(endpoint: Endpoint, kind: str, window_start: float) -> str:
@@ -94,27 +112,39 @@ class AnalyticsJob:
         self.lease = LeaderLease(redis, keys.analytics_lock, settings.lease_s(),
                                  holder=settings.instance)
         self.writeback = WriteBack(settings, redis, store)
+        self.guardrails = Guardrails(settings, self.writeback, store, ch)
+        self.writeback.guardrails = self.guardrails
 
-    def detectors(self) -> list[ErrorSpikeDetector | ClientDominanceDetector]:
+    def detect(self, frame: pd.DataFrame, since: pd.Timestamp | None = None,
+               complete_before: pd.Timestamp | None = None) -> pd.DataFrame:
+        """Every window (from `since` on) scored by every detector (scoring.detect_all)."""
+        return detect_all(frame, self.settings, since=since, complete_before=complete_before)
+
+    async def frame(self, now: float) -> pd.DataFrame:
+        """What a run judges: detail minutes over the lookback (empty minutes of each endpoint
+        filled in: an outage is a window), preceded by request counts of the same time of
+        day on previous days for seasonal baselines. Only those slices of earlier days are
+        read (cost: endpoints x days x ~1.5 h, not x 24 h), so judge this frame's recent
+        windows only (`detect(since=...)`), as the run does."""
         s = self.settings
-        common: dict[str, Any] = {"threshold": s.score_threshold, "min_requests": s.min_requests,
-                                  "min_history": s.min_history,
-                                  "max_history": s.lookback_minutes}
-        return [
-            ErrorSpikeDetector(**common, abs_margin=s.error_rate_abs_margin,
-                               rel_margin=s.error_rate_rel_margin,
-                               spread_floor=s.error_rate_spread_floor,
-                               cold_threshold=s.error_rate_cold),
-            ClientDominanceDetector(**common, min_share=s.dominance_share,
-                                    abs_margin=s.dominance_abs_margin,
-                                    cold_threshold=s.dominance_cold_share),
-        ]
-
-    def detect(self, frame: pd.DataFrame) -> pd.DataFrame:
-        """Every window of every endpoint scored by every detector (rows concatenated)."""
-        frame = frame[frame["route_id"] != ""]  # unmatched traffic has no route to limit
-        results = [detector.detect(frame) for detector in self.detectors()]
-        return pd.concat(results, ignore_index=True) if results else pd.DataFrame()
+        recent_start = (now // 60) * 60 - (s.report_minutes - 1) * 60
+        detail_minutes = max(s.lookback_minutes, 3 * s.history_minutes + s.report_minutes + 10)
+        detail_start = (now // 60) * 60 - detail_minutes * 60
+        detail = await features.endpoint_minutes(self._ch, detail_start, now)
+        last_complete = pd.Timestamp((now // 60) * 60 - 60, unit="s", tz="UTC")
+        detail = features.complete_minutes(detail, last_complete)
+        if not s.season_days:
+            return detail
+        margin = 10 * 60  # beyond the traffic detector's smoothing
+        season = await features.season_minutes(
+            self._ch, detail_start - s.season_days * 86_400 - (s.history_minutes + 20) * 60,
+            detail_start,
+            time_of_day=(recent_start - s.history_minutes * 60 - margin, now + margin))
+        if season.empty:
+            return detail
+        if detail.empty:
+            return season
+        return pd.concat([season, detail], ignore_index=True)
 
     async def run_once(self, now: float | None = None) -> RunReport:
         started = time.perf_counter()
@@ -138,17 +168,22 @@ class AnalyticsJob:
 
     async def _run(self, now: float) -> RunReport:
         s = self.settings
-        frame = await features.endpoint_minutes(self._ch, now - s.lookback_minutes * 60, now)
-        detections = self.detect(frame)
+        frame = await self.frame(now)
+        recent_start = pd.Timestamp((now // 60) * 60 - (s.report_minutes - 1) * 60, unit="s",
+                                    tz="UTC")
+        detections = self.detect(frame, since=recent_start,
+                                 complete_before=pd.Timestamp((now // 60) * 60, unit="s",
+                                                              tz="UTC"))
         report = RunReport(started_at=now, duration_s=0.0,
-                           endpoints=_count_endpoints(frame[frame["route_id"] != ""]))
+                           endpoints=_count_endpoints(frame[frame["route_id"] != ""])
+                           if not frame.empty else 0)
         if detections.empty:
             report.leader = await self._lead()
+            if report.leader:
+                report.guardrail_actions = await self.guardrails.review(now)
             return report
-        recent_start = (now // 60) * 60 - (s.report_minutes - 1) * 60
         minutes = pd.to_datetime(detections["minute"], utc=True)
-        flagged = detections[detections["flagged"].astype(bool)
-                             & (minutes >= pd.Timestamp(recent_start, unit="s", tz="UTC"))]
+        flagged = detections[detections["flagged"].astype(bool) & (minutes >= recent_start)]
         anomalies, client_frames, flagged_clients = await self._anomalies(flagged, now)
         report.anomalies = anomalies
         recommendations = await self._recommend(anomalies, client_frames, flagged_clients, now)
@@ -157,6 +192,7 @@ class AnalyticsJob:
         if not report.leader:
             return report
         report.new_anomalies = await self._record(anomalies)
+        report.guardrail_actions = await self.guardrails.review(now)
         written = await self.writeback.write(recommendations, now=now)
         RECOMMENDATIONS.labels(status="pending").inc(len(written.created))
         RECOMMENDATIONS.labels(status="applied").inc(len(written.applied))
@@ -203,29 +239,39 @@ class AnalyticsJob:
             minute = pd.Timestamp(row["minute"])
             window_start = _epoch(minute)
             baseline, observed = float(row["baseline"]), float(row["observed"])
-            top = contributors(client_frames[endpoint], [minute],
-                               metric=_METRIC_OF_KIND.get(kind, "requests"),
-                               min_share=s.contributor_min_share, ratio=s.contributor_ratio)
-            for client in top:
-                if client not in flagged_clients[endpoint]:
-                    flagged_clients[endpoint].append(client)
+            metric = _METRIC_OF_KIND.get(kind)
+            top = [] if metric is None else contributors(
+                client_frames[endpoint], [minute], metric=metric,
+                min_share=s.contributor_min_share, ratio=s.contributor_ratio)
+            blamed = str(row.get("client") or "")
+            if kind == AnomalyKind.ENUMERATION and blamed:
+                top = [blamed, *[client for client in top if client != blamed]]
+            if kind in LIMITABLE:
+                for client in top:
+                    if client not in flagged_clients[endpoint]:
+                        flagged_clients[endpoint].append(client)
             request_ids: list[str] = []
             trace_ids: list[str] = []
+            paths: list[tuple[str, int]] = []
             if example_budget > 0 and s.examples:
                 example_budget -= 1
                 request_ids, trace_ids = await features.examples(
                     self._ch, endpoint, window_start, window_start + 60,
-                    min_status=500 if kind == AnomalyKind.ERROR_SPIKE else 0,
-                    client=top[0] if kind == AnomalyKind.CLIENT_DOMINANCE and top else "",
+                    min_status=_EXAMPLE_STATUS.get(kind, 0),
+                    client=top[0] if kind in _BLAME_EXAMPLES and top else "",
                     limit=s.examples)
+                if kind == AnomalyKind.UNDECLARED_ENDPOINT:
+                    paths = await features.unmatched_paths(
+                        self._ch, endpoint.method, window_start, window_start + 60)
             anomalies.append(Anomaly(
                 id=anomaly_id(endpoint, kind, window_start), detected_at=now,
                 window_start=window_start, window_end=window_start + 60, endpoint=endpoint,
-                kind=kind, severity=severity(kind, baseline, observed),
+                kind=kind, severity=severity(kind, baseline, observed, float(row["score"])),
                 score=min(1.0, max(0.0, float(row["score"]))), metric=str(row["metric"]),
                 baseline=baseline, observed=observed, top_clients=top,
                 example_request_ids=request_ids, example_trace_ids=trace_ids,
-                summary=_summary(kind, endpoint, baseline, observed, int(row["requests"]), top),
+                summary=_summary(kind, endpoint, baseline, observed, int(row["requests"]), top,
+                                 paths),
             ))
         return anomalies, client_frames, flagged_clients
 
@@ -239,7 +285,10 @@ class AnalyticsJob:
         effective = await self._store.effective(now)
         recommendations: list[Recommendation] = []
         for endpoint, frame in client_frames.items():
-            of_endpoint = [anomaly for anomaly in anomalies if anomaly.endpoint == endpoint]
+            of_endpoint = [anomaly for anomaly in anomalies if anomaly.endpoint == endpoint
+                           and anomaly.kind in LIMITABLE and endpoint.route_id]
+            if not of_endpoint:
+                continue
             recommender = LimitRecommender(headroom=s.headroom, floor=s.limit_floor,
                                            window_s=s.limit_window_s)
             recommendation = build_recommendation(
@@ -295,14 +344,6 @@ class AnalyticsJob:
         LEADER.set(0)
 
 
-def current_policy(policies: Sequence[Policy], endpoint: Endpoint) -> Policy | None:
-    """The enforced policy that governs every client of the endpoint now, if any."""
-    candidates = [p for p in policies
-                  if p.mode == Mode.ENFORCE and p.match_key is None and p.tenant is None
-                  and p.applies_to(endpoint.route_id, endpoint.method, "")]
-    return max(candidates, key=lambda p: p.specificity, default=None)
-
-
 def _count_endpoints(frame: pd.DataFrame) -> int:
     if frame.empty:
         return 0
@@ -310,7 +351,7 @@ def _count_endpoints(frame: pd.DataFrame) -> int:
 
 
 def _summary(kind: AnomalyKind, endpoint: Endpoint, baseline: float, observed: float,
-             requests: int, top: Sequence[str]) -> str:
+             requests: int, top: Sequence[str], paths: Sequence[tuple[str, int]] = ()) -> str:
     where = f"{endpoint.method} {endpoint.http_route} (route {endpoint.route_id})"
     if kind == AnomalyKind.ERROR_SPIKE:
         text = (f"5xx rate {observed:.1%} vs baseline {baseline:.1%} over {requests} requests "
@@ -318,6 +359,22 @@ def _summary(kind: AnomalyKind, endpoint: Endpoint, baseline: float, observed: f
     elif kind == AnomalyKind.CLIENT_DOMINANCE:
         text = (f"top client sent {observed:.0%} of {requests} requests (baseline "
                 f"{baseline:.0%}) on {where}")
+    elif kind == AnomalyKind.AUTH_FAILURE_BURST:
+        text = (f"auth failure rate {observed:.1%} vs baseline {baseline:.1%} over {requests} "
+                f"requests on {where}")
+    elif kind == AnomalyKind.LATENCY_REGRESSION:
+        text = f"p95 latency {observed:.0f} ms vs baseline {baseline:.0f} ms on {where}"
+    elif kind in (AnomalyKind.TRAFFIC_SURGE, AnomalyKind.TRAFFIC_DROP):
+        text = (f"{observed:.0f} requests/min vs expected {baseline:.0f} "
+                f"({observed / baseline if baseline else float('inf'):.2g}x) on {where}")
+    elif kind == AnomalyKind.ENUMERATION:
+        text = (f"one client requested {observed:.0f} distinct paths in a minute (baseline "
+                f"{baseline:.0f}) on {where}")
+    elif kind == AnomalyKind.UNDECLARED_ENDPOINT:
+        text = (f"{observed:.0f} {endpoint.method} requests/min to paths no route declares "
+                f"(baseline {baseline:.0f})")
+        if paths:
+            text += "; top paths: " + ", ".join(f"{path} ({hits})" for path, hits in paths[:5])
     else:
         text = f"{kind}: {observed:.3g} vs baseline {baseline:.3g} on {where}"
     if top:

@@ -158,6 +158,14 @@ def current_limit_per_window(policy: Policy | None, window_s: float) -> float | 
     return policy.limit * window_s / policy.window_s
 
 
+def current_policy(policies: Sequence[Policy], endpoint: Endpoint) -> Policy | None:
+    """The enforced policy that governs every client of the endpoint now, if any."""
+    candidates = [p for p in policies
+                  if p.mode == Mode.ENFORCE and p.match_key is None and p.tenant is None
+                  and p.applies_to(endpoint.route_id, endpoint.method, "")]
+    return max(candidates, key=lambda p: p.specificity, default=None)
+
+
 def build_recommendation(*, endpoint: Endpoint, anomalies: Sequence[Anomaly],
                          client_frame: pd.DataFrame, flagged_clients: Sequence[str],
                          recommender: LimitRecommender, current: Policy | None,

@@ -65,6 +65,49 @@ class AnalyticsSettings(CommonSettings):
                                  description="Lifetime of an automatically applied policy.")
     leader_lease_s: float = Field(default=0.0, ge=0,
                                   description="Leader lease; 0 means 2 x interval_s + 10 s.")
+    history_minutes: int = Field(default=60, ge=2, le=1440,
+                                 description="Trailing windows of a robust baseline.")
+    season_days: int = Field(default=7, ge=0, le=28,
+                             description="Previous days of the same time of day in a seasonal "
+                                         "traffic baseline (needs lookback_minutes to cover "
+                                         "them; 0 = trailing baseline only).")
+    latency_rel_margin: float = Field(default=1.5, ge=1,
+                                      description="p95 must be this many times its baseline...")
+    latency_abs_margin_ms: float = Field(default=25.0, ge=0,
+                                         description="...and this many ms above it.")
+    traffic_rel_margin: float = Field(default=2.0, gt=1,
+                                      description="Surge: requests >= baseline x this; drop: "
+                                                  "requests <= baseline / this.")
+    auth_failure_abs_margin: float = Field(default=0.1, ge=0, le=1,
+                                           description="Auth failure rate above baseline.")
+    auth_failure_min: int = Field(default=10, ge=1,
+                                  description="Least auth failures in a flagged window.")
+    enumeration_min_paths: int = Field(default=30, ge=2,
+                                       description="Least distinct paths one client requested "
+                                                   "in a window on a templated endpoint.")
+    undeclared_min_requests: int = Field(default=30, ge=1,
+                                         description="Least requests to undeclared paths in a "
+                                                     "flagged window.")
+    shadow_s: float = Field(default=600.0, ge=0,
+                            description="An automatic limit runs in shadow mode this long "
+                                        "before it may be enforced; 0 = enforce at once.")
+    shadow_max_other_share: float = Field(default=0.1, ge=0, le=1,
+                                          description="Promote from shadow only if at most this "
+                                                      "share of would-be-limited requests came "
+                                                      "from unflagged clients.")
+    max_step: float = Field(default=0.5, gt=0, le=1,
+                            description="An automatic change may cut a limit to no less than "
+                                        "this fraction of the current one.")
+    floor_headroom: float = Field(default=1.0, ge=1,
+                                  description="Automatic limits never go below legitimate "
+                                              "clients' p99 x this.")
+    rollback_429_rate: float = Field(default=0.05, gt=0, le=1,
+                                     description="Roll back an enforced automatic limit when "
+                                                 "unflagged clients' 429 rate from it exceeds "
+                                                 "this.")
+    rollback_min_requests: int = Field(default=20, ge=1,
+                                       description="Unflagged requests needed to judge a "
+                                                   "rollback.")
     examples: int = Field(default=5, ge=0, le=100,
                           description="Example request/trace ids kept per anomaly.")
     listen: str = Field(default="127.0.0.1:9092",

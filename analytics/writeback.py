@@ -6,9 +6,10 @@ recommendation for the same endpoint is updated in place, so re-runs never dupli
 Every creation and status change is audited through `PolicyStore.audit`.
 
 Automatic application (mode `auto` for the route, no kill switch) stores the policy through
-`PolicyStore.put` (which versions, audits and publishes it) with an expiry, then marks the
-recommendation `applied`. `_stage_mode` is the single place that decides the mode a new
-automatic policy gets: shadow-first (issue 6) slots in there.
+`PolicyStore.put` (which versions, audits and publishes it) as shaped by
+`analytics.guardrails.Guardrails.stage` (floor, bounded step, shadow first, expiry), then
+marks the recommendation `applied`; `Guardrails.review` later promotes, withdraws or rolls it
+back.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import redis.asyncio as aioredis
 
@@ -26,6 +27,9 @@ from analytics.models import Recommendation, RecommendationStatus
 from analytics.settings import AnalyticsSettings, AutoMode
 from proxy.policy import Mode, Policy, RedisKeys, Source
 from proxy.policy_store import AuditRecord, PolicyStore
+
+if TYPE_CHECKING:
+    from analytics.guardrails import Guardrails
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +94,7 @@ class WriteBack:
         self._redis = redis
         self._store = store
         self._keys = RedisKeys(settings.key_prefix)
+        self.guardrails: Guardrails | None = None  # set by the job; shapes automatic changes
 
     async def load_all(self) -> list[Recommendation]:
         raw = await self._redis.hgetall(self._keys.recommendations)
@@ -174,24 +179,33 @@ class WriteBack:
 
     async def apply(self, record: Recommendation, *, now: float, actor: str,
                     reason: str) -> Recommendation:
-        """Store the recommended policy (expiring, source analytics); mark it applied."""
-        expires_at = now + self._settings.auto_expiry_s
-        policy = Policy.model_validate({**record.policy.model_dump(),
-                                        "mode": self._stage_mode(record),
-                                        "source": Source.ANALYTICS,
-                                        "expires_at": expires_at})
+        """Store the recommended policy (expiring, source analytics, within the guardrails);
+        mark the recommendation applied."""
+        if self.guardrails is not None:
+            policy, notes = await self.guardrails.stage(record, now)
+        else:
+            policy, notes = Policy.model_validate({
+                **record.policy.model_dump(), "mode": Mode.ENFORCE, "source": Source.ANALYTICS,
+                "expires_at": now + self._settings.auto_expiry_s}), []
         evidence = ",".join(record.anomaly_ids)
+        guarded = f" [guardrails: {'; '.join(notes)}]" if notes else ""
         stored = await self._store.put(policy, actor=actor,
-                                       reason=f"{reason}: {record.rationale}",
+                                       reason=f"{reason}: {record.rationale}{guarded}",
                                        evidence=evidence)
         return await self.transition(record, RecommendationStatus.APPLIED, actor=actor,
                                      reason=f"{reason}: policy {stored.id} v{stored.version} "
-                                            f"({stored.mode}, expires {expires_at:.0f})",
+                                            f"({stored.mode}, limit {stored.limit}, expires "
+                                            f"{policy.expires_at:.0f}){guarded}",
                                      now=now, policy=stored)
 
-    def _stage_mode(self, record: Recommendation) -> Mode:
-        """The mode a new automatic policy starts in (issue 6: shadow first, then enforce)."""
-        return Mode.ENFORCE
+    async def record_policy(self, record: Recommendation, policy: Policy, *, action: str,
+                            reason: str, now: float) -> Recommendation:
+        """Keep the status, point the recommendation at a new version of its policy, audit."""
+        after = record.model_copy(update={"policy": policy, "status_reason": reason,
+                                          "updated_at": now})
+        await self.save(after)
+        await self._audit(action, after, record, after, reason=reason, now=now)
+        return after
 
     async def transition(self, record: Recommendation, status: RecommendationStatus, *,
                          actor: str, reason: str, now: float | None = None,
@@ -223,4 +237,5 @@ def _summary(record: Recommendation | None) -> dict[str, Any] | None:
         return None
     return {"status": str(record.status), "endpoint": record.endpoint.key,
             "policy_id": record.policy.id, "limit": record.policy.limit,
+            "mode": str(record.policy.mode), "version": record.policy.version,
             "window_s": record.policy.window_s, "confidence": record.confidence}

@@ -137,8 +137,14 @@ async def test_spike_flagged_recorded_and_recommended(
     rows = await asyncio.to_thread(_anomaly_rows, ch)
     assert report.new_anomalies == len(rows) == len(report.anomalies)
     assert {row[1] for row in rows} == {"orders"}
-    assert (spike.id, "orders", "error_spike", int(spike_minute)) == rows[-1][:4]
-    assert rows[-1][4] == ["bad"]
+    [spike_row] = [row for row in rows if row[2] == "error_spike"]
+    assert (spike.id, "orders", "error_spike", int(spike_minute)) == spike_row[:4]
+    assert spike_row[4] == ["bad"]
+    # the same minute is also a one-client surge and a takeover, blamed on the same client
+    kinds = {a.kind: a for a in report.anomalies}
+    assert set(kinds) == {AnomalyKind.ERROR_SPIKE, AnomalyKind.TRAFFIC_SURGE,
+                          AnomalyKind.CLIENT_DOMINANCE}
+    assert kinds[AnomalyKind.TRAFFIC_SURGE].top_clients == ["bad"]
 
     stored = await _recommendations(redis_client)
     assert len(stored) == 1
@@ -175,9 +181,9 @@ async def test_auto_mode_applies_an_expiring_policy(
         tmp_path: Path, redis_url: str, redis_client: aioredis.Redis, ch: SharedClient,
         filled: tuple[float, set[str]], how: str) -> None:
     if how == "setting":
-        config = settings(tmp_path, redis_url, auto_mode="auto", auto_expiry_s=600)
+        config = settings(tmp_path, redis_url, auto_mode="auto", auto_expiry_s=600, shadow_s=0)
     else:
-        config = settings(tmp_path, redis_url, auto_expiry_s=600)
+        config = settings(tmp_path, redis_url, auto_expiry_s=600, shadow_s=0)
         await redis_client.hset(KEYS.auto_mode, "orders", "auto")
     store = PolicyStore(redis_client, KEYS)
     job = AnalyticsJob(config, redis_client, ch, store)

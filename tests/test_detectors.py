@@ -207,3 +207,35 @@ def test_random_quiet_traffic_rarely_flags() -> None:
         parts.append(series(f"r{i}", list(zip(requests.tolist(), errors.tolist(), strict=True))))
     result = ErrorSpikeDetector().detect(frame(*parts))
     assert result["flagged"].sum() <= 1  # 1500 windows
+
+
+def test_seasonal_slices_give_the_answers_of_the_whole_history() -> None:
+    """The live job reads earlier days only around the time of day being judged
+    (AnalyticsJob.frame); the recent windows must be judged as with every minute."""
+    from analytics.scenarios import generate
+    from analytics.scoring import detect_all
+    from analytics.settings import AnalyticsSettings
+
+    settings = AnalyticsSettings()
+    scenario = generate(seed=4, days=5, endpoints=3)
+    full = scenario.frame
+    for end_minute in (scenario.minutes - 1, scenario.minutes - 700):
+        now = (pd.Timestamp("2026-01-05", tz="UTC")
+               + pd.Timedelta(minutes=end_minute)).timestamp() + 30
+        recent_start = (now // 60) * 60 - (settings.report_minutes - 1) * 60
+        detail_start = (now // 60) * 60 - 3 * settings.history_minutes * 60 - 20 * 60
+        low = recent_start - settings.history_minutes * 60 - 600
+        high = now + 600
+        seconds = pd.DatetimeIndex(full["minute"]).as_unit("s").asi8
+        in_slice = ((seconds - int(low)) % 86_400) <= (high - low)
+        upto = seconds < now
+        sliced = full[upto & ((seconds >= detail_start) | in_slice)]
+        since = pd.Timestamp(recent_start, unit="s", tz="UTC")
+        expected = detect_all(full[upto], settings, since=since)
+        got = detect_all(sliced, settings, since=since)
+        key = ["kind", "route_id", "minute"]
+        expected = expected.sort_values(key).reset_index(drop=True)
+        got = got.sort_values(key).reset_index(drop=True)
+        pd.testing.assert_series_equal(expected["score"], got["score"])
+        pd.testing.assert_series_equal(expected["flagged"], got["flagged"])
+        assert len(got) > 0

@@ -165,6 +165,7 @@ async def test_whole_loop(tmp_path: Path, redis_url: str,
         "APIGW_REDIS_URL": redis_url,
         "APIGW_DATA_DIR": str(tmp_path / "data"),
         "APIGW_AUTO_MODE": "auto",
+        "APIGW_SHADOW_S": "0",  # enforce at once: shadow-first is proven in test_guardrails.py
         "APIGW_INTERVAL_S": "3600",  # runs are triggered by the test
         "APIGW_LOG_LEVEL": "INFO",
     }

@@ -1,0 +1,288 @@
+"""Each guardrail of automatic tightening, against a real Redis and a real chDB.
+
+Recommendations are written through the job's own WriteBack (auto mode); the proxy's
+enforcement is stood in for by events with the rate-limit outcome it would record
+(`shadow_limited` / `limited`, with the policy id), inserted into ClickHouse `events`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
+
+from analytics.guardrails import floor_limit, step_limit
+from analytics.job import AnalyticsJob
+from analytics.models import Endpoint, ImpactEstimate, Recommendation, RecommendationStatus
+from analytics.recommend import policy_id_for
+from analytics.settings import AnalyticsSettings
+from collector.clickhouse import SharedClient
+from collector.consumer import event_columns
+from collector.schema import migrate
+from proxy.event import EVENT_FIELDS, RequestEvent
+from proxy.policy import Mode, Policy, RedisKeys, Source
+from proxy.policy_store import PolicyStore
+
+KEYS = RedisKeys("apigw")
+ENDPOINT = Endpoint(route_id="orders", method="GET", http_route="/orders/{id}")
+POLICY_ID = policy_id_for(ENDPOINT)
+
+
+@pytest.fixture
+async def ch(chdb_dsn: str) -> AsyncIterator[SharedClient]:
+    client = await asyncio.to_thread(SharedClient, chdb_dsn)
+    try:
+        await asyncio.to_thread(migrate, client.client)
+        yield client
+    finally:
+        await asyncio.to_thread(client.close)
+
+
+def _job(tmp_path: Path, redis_url: str, redis: aioredis.Redis, ch: SharedClient,
+         **overrides: object) -> tuple[AnalyticsJob, PolicyStore]:
+    config = AnalyticsSettings(data_dir=tmp_path, redis_url=redis_url, instance="test",
+                               auto_mode="auto", **overrides)  # type: ignore[arg-type]
+    store = PolicyStore(redis, KEYS)
+    return AnalyticsJob(config, redis, ch, store), store
+
+
+def _recommendation(limit: int = 10, p99: float = 4.0, other_limited: int = 0,
+                    window: float = 1_000_000.0) -> Recommendation:
+    policy = Policy(id=POLICY_ID, route_id="orders", method="GET", key_by="client_id",
+                    limit=limit, window_s=60, source=Source.ANALYTICS)
+    impact = ImpactEstimate(window_s=86_400, clients_limited=1 + other_limited,
+                            requests_limited=500, flagged_clients_limited=1,
+                            flagged_requests_limited=480, other_clients_limited=other_limited,
+                            other_requests_limited=20 if other_limited else 0)
+    return Recommendation(id=f"rec-{int(window)}", endpoint=ENDPOINT, anomaly_ids=["an-1"],
+                          policy=policy, rationale="test", client_rate_p99=p99, impact=impact,
+                          flagged_clients=["bad"])
+
+
+def _insert(ch: SharedClient, clients: dict[str, tuple[int, int]], outcome: str,
+            ts: float | None = None) -> None:
+    """Per client (requests, of which `outcome` by the analytics policy), on GET orders."""
+    ts = time.time() if ts is None else ts
+    events = []
+    for client, (requests, hit) in clients.items():
+        for i in range(requests):
+            limited = i < hit
+            events.append(RequestEvent(
+                timestamp=ts + i * 0.001, request_id=uuid.uuid4().hex,
+                http_request_method="GET", url_path=f"/orders/{i}",
+                http_response_status_code=429 if limited and outcome == "limited" else 200,
+                duration_ms=3.0, route_id="orders", http_route="/orders/{id}",
+                client_id=client, client_address="127.0.0.1",
+                ratelimit_outcome=outcome if limited else "allowed",
+                ratelimit_policy_id=POLICY_ID if limited else "default"))
+    columns = event_columns([dataclasses.asdict(event) for event in events])
+    assert columns is not None
+    with ch.lock:
+        ch.client.insert("events", columns, column_names=list(EVENT_FIELDS),
+                         column_oriented=True)
+
+
+async def _stored(redis: aioredis.Redis, rec_id: str) -> Recommendation:
+    raw = await redis.hget(KEYS.recommendations, rec_id)
+    assert raw is not None
+    return Recommendation.model_validate_json(raw)
+
+
+async def test_new_automatic_limit_goes_to_shadow_first_with_expiry(
+        tmp_path: Path, redis_url: str, redis_client: aioredis.Redis, ch: SharedClient) -> None:
+    job, store = _job(tmp_path, redis_url, redis_client, ch, shadow_s=300, auto_expiry_s=900)
+    before = time.time()
+    result = await job.writeback.write([_recommendation()], now=before)
+    assert result.applied == ["rec-1000000"]
+    policy = await store.get(POLICY_ID)
+    assert policy is not None
+    assert policy.mode == Mode.SHADOW
+    assert policy.source == Source.ANALYTICS
+    assert policy.expires_at == pytest.approx(before + 900)
+    rec = await _stored(redis_client, "rec-1000000")
+    assert rec.status == RecommendationStatus.APPLIED
+    assert rec.policy.mode == Mode.SHADOW
+    # the shadow period has not passed: nothing to decide yet
+    assert await job.guardrails.review(time.time() + 10) == []
+    assert (await store.get(POLICY_ID)) == policy
+
+
+async def test_shadow_promoted_when_hits_fall_on_flagged_clients(
+        tmp_path: Path, redis_url: str, redis_client: aioredis.Redis, ch: SharedClient) -> None:
+    job, store = _job(tmp_path, redis_url, redis_client, ch, shadow_s=60, auto_expiry_s=900)
+    await job.writeback.write([_recommendation()], now=time.time())
+    shadow = await store.get(POLICY_ID)
+    assert shadow is not None
+    await asyncio.to_thread(_insert, ch, {"bad": (300, 250), "good-1": (8, 0),
+                                          "good-2": (8, 0)}, "shadow_limited")
+    later = time.time() + 61
+    actions = await job.guardrails.review(later)
+    assert len(actions) == 1
+    assert actions[0].startswith("promoted rec-1000000")
+    enforced = await store.get(POLICY_ID)
+    assert enforced is not None
+    assert enforced.mode == Mode.ENFORCE
+    assert enforced.version == shadow.version + 1
+    assert enforced.limit == shadow.limit
+    assert enforced.expires_at == pytest.approx(later + 900)
+    rec = await _stored(redis_client, "rec-1000000")
+    assert rec.status == RecommendationStatus.APPLIED
+    assert rec.policy.version == enforced.version  # an operator rollback undoes this version
+    actions_logged = [e.action for e in await store.audit_log(subject="recommendation:rec-1000000")]
+    assert actions_logged[0] == "recommendation.promoted"
+    assert "250 would-be-limited requests from flagged clients" in rec.status_reason
+
+
+async def test_shadow_withdrawn_when_hits_fall_on_other_clients(
+        tmp_path: Path, redis_url: str, redis_client: aioredis.Redis, ch: SharedClient) -> None:
+    job, store = _job(tmp_path, redis_url, redis_client, ch, shadow_s=60)
+    await job.writeback.write([_recommendation()], now=time.time())
+    await asyncio.to_thread(_insert, ch, {"bad": (100, 50), "good-1": (40, 20),
+                                          "good-2": (40, 15)}, "shadow_limited")
+    actions = await job.guardrails.review(time.time() + 61)
+    assert len(actions) == 1
+    assert actions[0].startswith("withdrawn rec-1000000")
+    assert await store.get(POLICY_ID) is None  # there was nothing before it
+    rec = await _stored(redis_client, "rec-1000000")
+    assert rec.status == RecommendationStatus.ROLLED_BACK
+    assert "35 from 2 other clients" in rec.status_reason
+
+
+@pytest.mark.parametrize(("other_limited", "promoted"), [(0, True), (3, False)])
+async def test_without_shadow_hits_the_simulated_impact_decides(
+        tmp_path: Path, redis_url: str, redis_client: aioredis.Redis, ch: SharedClient,
+        other_limited: int, promoted: bool) -> None:
+    job, store = _job(tmp_path, redis_url, redis_client, ch, shadow_s=60)
+    await job.writeback.write([_recommendation(other_limited=other_limited)], now=time.time())
+    await job.guardrails.review(time.time() + 61)
+    policy = await store.get(POLICY_ID)
+    if promoted:
+        assert policy is not None
+        assert policy.mode == Mode.ENFORCE
+    else:
+        assert policy is None
+
+
+async def test_never_below_the_legitimate_p99_floor(
+        tmp_path: Path, redis_url: str, redis_client: aioredis.Redis, ch: SharedClient) -> None:
+    job, store = _job(tmp_path, redis_url, redis_client, ch, shadow_s=0)
+    rec = _recommendation(limit=5, p99=37.2)  # a proposal below what legit clients send
+    assert floor_limit(rec, 60) == 38
+    await job.writeback.write([rec], now=time.time())
+    policy = await store.get(POLICY_ID)
+    assert policy is not None
+    assert policy.limit == 38
+    assert policy.mode == Mode.ENFORCE
+    stored = await _stored(redis_client, rec.id)
+    assert "legitimate p99 floor 38" in stored.status_reason
+
+
+async def test_one_step_at_most_halves_the_current_automatic_limit(
+        tmp_path: Path, redis_url: str, redis_client: aioredis.Redis, ch: SharedClient) -> None:
+    job, store = _job(tmp_path, redis_url, redis_client, ch, shadow_s=0, max_step=0.5)
+    current = await store.put(Policy(id=POLICY_ID, route_id="orders", method="GET", limit=40,
+                                     window_s=60, source=Source.ANALYTICS),
+                              actor="analytics", reason="earlier step")
+    assert step_limit(current, 60, 0.5) == 20
+    await job.writeback.write([_recommendation(limit=10, p99=2.0)], now=time.time())
+    policy = await store.get(POLICY_ID)
+    assert policy is not None
+    assert policy.limit == 20  # not 10: at most half of 40 in one step
+    assert policy.version == current.version + 1
+    # an operator's (config) limit is a ceiling, not an automatic step to bound
+    assert step_limit(Policy(id="default", limit=100_000, window_s=60), 60, 0.5) == 1
+
+
+async def test_rollback_when_unflagged_clients_get_429s_after_enforcement(
+        tmp_path: Path, redis_url: str, redis_client: aioredis.Redis, ch: SharedClient) -> None:
+    job, store = _job(tmp_path, redis_url, redis_client, ch, shadow_s=0,
+                      rollback_429_rate=0.05)
+    earlier = await store.put(Policy(id=POLICY_ID, route_id="orders", method="GET", limit=200,
+                                     window_s=60, source=Source.OPERATOR),
+                              actor="ops", reason="before analytics")
+    await job.writeback.write([_recommendation()], now=time.time())
+    enforced = await store.get(POLICY_ID)
+    assert enforced is not None
+    assert enforced.mode == Mode.ENFORCE
+    assert enforced.limit == 10
+    # the abuser being limited is the point: no rollback
+    await asyncio.to_thread(_insert, ch, {"bad": (300, 280), "good-1": (50, 0)}, "limited")
+    assert await job.guardrails.review(time.time() + 5) == []
+    # then legitimate clients start getting 429s from it
+    await asyncio.to_thread(_insert, ch, {"good-2": (50, 10), "good-3": (50, 2)}, "limited")
+    actions = await job.guardrails.review(time.time() + 5)
+    assert len(actions) == 1
+    assert actions[0].startswith("rolled back rec-1000000")
+    restored = await store.get(POLICY_ID)
+    assert restored is not None
+    assert restored.limit == earlier.limit  # the operator's version is back
+    assert restored.source == Source.OPERATOR
+    rec = await _stored(redis_client, "rec-1000000")
+    assert rec.status == RecommendationStatus.ROLLED_BACK
+    assert "12 429s" in rec.status_reason
+
+
+async def test_expired_automatic_change_is_marked_expired(
+        tmp_path: Path, redis_url: str, redis_client: aioredis.Redis, ch: SharedClient) -> None:
+    job, store = _job(tmp_path, redis_url, redis_client, ch, shadow_s=0, auto_expiry_s=30)
+    await job.writeback.write([_recommendation()], now=time.time())
+    policy = await store.get(POLICY_ID)
+    assert policy is not None
+    assert policy.expires_at is not None
+    actions = await job.guardrails.review(policy.expires_at + 1)
+    assert actions == ["expired rec-1000000"]
+    rec = await _stored(redis_client, "rec-1000000")
+    assert rec.status == RecommendationStatus.EXPIRED
+    assert [p.id for p in await store.effective(policy.expires_at + 1)] == []
+
+
+async def test_kill_switch_stops_promotion(
+        tmp_path: Path, redis_url: str, redis_client: aioredis.Redis, ch: SharedClient) -> None:
+    job, store = _job(tmp_path, redis_url, redis_client, ch, shadow_s=60)
+    await job.writeback.write([_recommendation()], now=time.time())
+    await redis_client.set(KEYS.kill_switch, "1")
+    assert await job.guardrails.review(time.time() + 61) == []
+    policy = await store.get(POLICY_ID)
+    assert policy is not None
+    assert policy.mode == Mode.SHADOW
+    await redis_client.delete(KEYS.kill_switch)
+    assert (await job.guardrails.review(time.time() + 61))[0].startswith("promoted")
+
+
+async def test_only_the_leader_reviews(
+        tmp_path: Path, redis_url: str, redis_client: aioredis.Redis, ch: SharedClient) -> None:
+    leader, store = _job(tmp_path, redis_url, redis_client, ch, shadow_s=1)
+    follower, _ = _job(tmp_path, redis_url, redis_client, ch, shadow_s=1)
+    await leader.writeback.write([_recommendation()], now=time.time())
+    assert await leader.lease.acquire()
+    await asyncio.sleep(1.1)
+    report = await follower.run_once()
+    assert not report.leader
+    assert report.guardrail_actions == []
+    policy = await store.get(POLICY_ID)
+    assert policy is not None
+    assert policy.mode == Mode.SHADOW
+    report = await leader.run_once()
+    assert report.leader
+    assert [a.split(":")[0] for a in report.guardrail_actions] == ["promoted rec-1000000"]
+    await leader.close()
+    await follower.close()
+
+
+async def test_changes_by_others_are_left_alone(
+        tmp_path: Path, redis_url: str, redis_client: aioredis.Redis, ch: SharedClient) -> None:
+    job, store = _job(tmp_path, redis_url, redis_client, ch, shadow_s=60)
+    await job.writeback.write([_recommendation()], now=time.time())
+    shadow = await store.get(POLICY_ID)
+    assert shadow is not None
+    await store.put(shadow.model_copy(update={"limit": 500}), actor="ops", reason="manual")
+    assert await job.guardrails.review(time.time() + 61) == []
+    policy = await store.get(POLICY_ID)
+    assert policy is not None
+    assert policy.limit == 500
