@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 from pydantic import BaseModel
 
@@ -58,8 +58,10 @@ class TimeRange:
         return self.end - self.start
 
     def params(self) -> dict[str, int]:
-        return {"start_s": self.minute_start, "end_s": math.ceil(self.end),
-                "start_ms": int(self.start * 1000), "end_ms": math.ceil(self.end * 1000)}
+        """Bound values (never below the epoch: an earlier window is just empty)."""
+        return {"start_s": max(0, self.minute_start), "end_s": max(0, math.ceil(self.end)),
+                "start_ms": max(0, int(self.start * 1000)),
+                "end_ms": max(0, math.ceil(self.end * 1000))}
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +85,28 @@ class EndpointFilter:
             where.append("http_route = {http_route:String}")
             params["http_route"] = self.http_route
         return where, params
+
+
+class Compare(StrEnum):
+    """An earlier window of the same length to compare a range with."""
+
+    PREV = "prev"  # the window just before
+    DAY = "1d"
+    WEEK = "1w"
+
+    def offset_s(self, rng: TimeRange, step_s: int = 60) -> int:
+        """How far back. `prev` spans the range's whole minute buckets, rounded up to whole
+        steps, so the two windows' buckets line up and do not overlap."""
+        if self is Compare.DAY:
+            return 86_400
+        if self is Compare.WEEK:
+            return 7 * 86_400
+        buckets = math.ceil(rng.end / 60) * 60 - rng.minute_start
+        return math.ceil(buckets / step_s) * step_s
+
+    def shift(self, rng: TimeRange, step_s: int = 60) -> TimeRange:
+        offset = self.offset_s(rng, step_s)
+        return TimeRange(rng.start - offset, rng.end - offset)
 
 
 class Health(StrEnum):
@@ -132,6 +156,9 @@ class Series(BaseModel):
     end: float
     step_s: int
     points: list[SeriesPoint]
+    compare: Compare | None = None
+    compare_offset_s: int | None = None
+    compare_points: list[SeriesPoint] = []  # ts shifted forward by compare_offset_s
 
 
 class ClientRow(BaseModel):
@@ -143,6 +170,8 @@ class ClientRow(BaseModel):
     rate_limited: int
     auth_failures: int
     distinct_paths: int
+    compare_requests: int | None = None  # in the compare window, when one was asked for
+    compare_share: float | None = None
 
 
 class BreakdownDimension(StrEnum):
@@ -166,6 +195,8 @@ class BreakdownRow(BaseModel):
     value: str
     requests: int
     share: float
+    compare_requests: int | None = None
+    compare_share: float | None = None
 
 
 class RequestRow(BaseModel):
@@ -244,6 +275,15 @@ def _rate(part: int, whole: int) -> float:
 
 def _where(parts: Sequence[str]) -> str:
     return " AND ".join(parts) if parts else "1"
+
+
+_Row = TypeVar("_Row", ClientRow, BreakdownRow)
+
+
+def _compared(rows: list[_Row], earlier: dict[str, int], total: int, key: str) -> list[_Row]:
+    return [row.model_copy(update={"compare_requests": earlier.get(getattr(row, key), 0),
+                                   "compare_share": _rate(earlier.get(getattr(row, key), 0),
+                                                          total)}) for row in rows]
 
 
 def health_of(error_rate: float, requests: int, anomalies: int,
@@ -336,8 +376,22 @@ class Queries:
             max_score=float(flagged["top_score"]) if flagged else 0.0,
             health=health_of(error_rate, requests, count, top))
 
-    async def timeseries(self, rng: TimeRange, endpoint: EndpointFilter) -> Series:
+    async def timeseries(self, rng: TimeRange, endpoint: EndpointFilter,
+                         compare: Compare | None = None) -> Series:
         step = resolution(rng.duration_s)
+        points = await self._points(rng, endpoint, step)
+        series = Series(start=rng.start, end=rng.end, step_s=step, points=points)
+        if compare is not None:
+            offset = compare.offset_s(rng, step)
+            earlier = await self._points(TimeRange(rng.start - offset, rng.end - offset),
+                                         endpoint, step)
+            series.compare = compare
+            series.compare_offset_s = offset
+            series.compare_points = [p.model_copy(update={"ts": p.ts + offset}) for p in earlier]
+        return series
+
+    async def _points(self, rng: TimeRange, endpoint: EndpointFilter,
+                      step: int) -> list[SeriesPoint]:
         where, filters = endpoint.clauses()
         params: dict[str, Any] = {**rng.params(), **filters, "step": step}
         rows = await self.rows(
@@ -358,10 +412,10 @@ class Queries:
                 ts=float(bucket), requests=n, errors_5xx=e5, errors_4xx=int(row.get("e4", 0)),
                 error_rate=_rate(e5, n), rate_limited=int(row.get("rl", 0)),
                 auth_failures=int(row.get("af", 0)), p50_ms=p50, p95_ms=p95, p99_ms=p99))
-        return Series(start=rng.start, end=rng.end, step_s=step, points=points)
+        return points
 
     async def top_clients(self, rng: TimeRange, endpoint: EndpointFilter,
-                          limit: int = 20) -> list[ClientRow]:
+                          limit: int = 20, compare: TimeRange | None = None) -> list[ClientRow]:
         where, filters = endpoint.clauses()
         params: dict[str, Any] = {**rng.params(), **filters, "limit": limit}
         rows = await self.rows(
@@ -370,23 +424,61 @@ class Queries:
             "sum(sum(requests)) OVER () AS total "
             f"FROM events_client_1m WHERE {_where([*_MINUTE_RANGE, *where])} "
             "GROUP BY client ORDER BY n DESC, client LIMIT {limit:UInt32}", params)
-        return [ClientRow(client=row["client"], requests=int(row["n"]),
-                          share=_rate(int(row["n"]), int(row["total"])),
-                          errors_5xx=int(row["e5"]), errors_4xx=int(row["e4"]),
-                          rate_limited=int(row["rl"]), auth_failures=int(row["af"]),
-                          distinct_paths=int(row["up"])) for row in rows]
+        found = [ClientRow(client=row["client"], requests=int(row["n"]),
+                           share=_rate(int(row["n"]), int(row["total"])),
+                           errors_5xx=int(row["e5"]), errors_4xx=int(row["e4"]),
+                           rate_limited=int(row["rl"]), auth_failures=int(row["af"]),
+                           distinct_paths=int(row["up"])) for row in rows]
+        if compare is None or not found:
+            return found
+        earlier = {**compare.params(), **filters, "clients": [row.client for row in found]}
+        total = await self.rows(
+            "SELECT sum(requests) AS n FROM events_client_1m "
+            f"WHERE {_where([*_MINUTE_RANGE, *where])}", earlier)
+        counts = await self.rows(
+            "SELECT client, sum(requests) AS n FROM events_client_1m "
+            f"WHERE {_where([*_MINUTE_RANGE, *where, 'client IN {clients:Array(String)}'])} "
+            "GROUP BY client", earlier)
+        return _compared(found, {row["client"]: int(row["n"]) for row in counts},
+                         int(total[0]["n"]) if total else 0, "client")
 
     async def breakdown(self, rng: TimeRange, endpoint: EndpointFilter,
-                        by: BreakdownDimension, limit: int = 20) -> list[BreakdownRow]:
+                        by: BreakdownDimension, limit: int = 20,
+                        compare: TimeRange | None = None) -> list[BreakdownRow]:
         where, filters = endpoint.clauses()
         params: dict[str, Any] = {**rng.params(), **filters, "limit": limit}
+        expression = _BREAKDOWN_SQL[by]
         rows = await self.rows(
-            f"SELECT {_BREAKDOWN_SQL[by]} AS value, count() AS n, "
+            f"SELECT {expression} AS value, count() AS n, "
             "sum(count()) OVER () AS total "
             f"FROM events WHERE {_where([*where, *_EVENT_RANGE])} "
             "GROUP BY value ORDER BY n DESC, value LIMIT {limit:UInt32}", params)
-        return [BreakdownRow(value=str(row["value"]), requests=int(row["n"]),
-                             share=_rate(int(row["n"]), int(row["total"]))) for row in rows]
+        found = [BreakdownRow(value=str(row["value"]), requests=int(row["n"]),
+                              share=_rate(int(row["n"]), int(row["total"]))) for row in rows]
+        if compare is None or not found:
+            return found
+        earlier = {**compare.params(), **filters, "values": [row.value for row in found]}
+        total = await self.rows(
+            f"SELECT count() AS n FROM events WHERE {_where([*where, *_EVENT_RANGE])}", earlier)
+        counts = await self.rows(
+            f"SELECT {expression} AS value, count() AS n FROM events "
+            f"WHERE {_where([*where, *_EVENT_RANGE])} "
+            "GROUP BY value HAVING value IN {values:Array(String)}", earlier)
+        return _compared(found, {str(row["value"]): int(row["n"]) for row in counts},
+                         int(total[0]["n"]) if total else 0, "value")
+
+    async def client_windows(self, rng: TimeRange, route_id: str, method: str | None,
+                             client: str, step_s: int) -> list[int]:
+        """Requests of one client on one route per `step_s` bucket (buckets with traffic)."""
+        endpoint = EndpointFilter(route_id, method)
+        where, filters = endpoint.clauses()
+        params: dict[str, Any] = {**rng.params(), **filters, "client": client, "step": step_s}
+        rows = await self.rows(
+            "SELECT intDiv(toUInt32(minute), {step:UInt32}) AS bucket, sum(requests) AS n "
+            "FROM events_client_1m "
+            f"WHERE {_where([*_MINUTE_RANGE, *where, 'client = {client:String}'])} "
+            "GROUP BY bucket ORDER BY bucket", params)
+        return [int(row["n"]) for row in rows]
 
     async def search_requests(self, search: RequestSearch) -> list[RequestRow]:
         where, filters = search.endpoint.clauses()

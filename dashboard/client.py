@@ -38,6 +38,9 @@ class ApiClient:
     token: str | None = None
     timeout_s: float = 10.0
 
+    def with_token(self, token: str | None) -> ApiClient:
+        return ApiClient(self.base_url, token or self.token, self.timeout_s)
+
     @classmethod
     def from_env(cls) -> ApiClient:
         return cls(os.environ.get("APIGW_API_URL", DEFAULT_URL).rstrip("/"),
@@ -71,6 +74,7 @@ class ApiClient:
             raise ApiError(502, "Unreadable answer", str(exc)) from None
 
     # -- reads ---------------------------------------------------------------------------------
+    # `span` is {"minutes": m} or {"from": epoch, "to": epoch} (see dashboard.common.Span).
 
     def health(self) -> bool:
         try:
@@ -79,34 +83,40 @@ class ApiClient:
             return False
         return True
 
-    def endpoints(self, minutes: float) -> list[dict[str, Any]]:
-        return list(self.call("GET", f"{PREFIX}/endpoints", {"minutes": minutes})["endpoints"])
+    def endpoints(self, span: dict[str, Any]) -> list[dict[str, Any]]:
+        return list(self.call("GET", f"{PREFIX}/endpoints", span)["endpoints"])
 
-    def timeseries(self, minutes: float, route_id: str | None = None, method: str | None = None,
-                   route: str | None = None) -> dict[str, Any]:
+    def timeseries(self, span: dict[str, Any], route_id: str | None = None,
+                   method: str | None = None, route: str | None = None,
+                   compare: str | None = None) -> dict[str, Any]:
         result: dict[str, Any] = self.call("GET", f"{PREFIX}/endpoints/timeseries", {
-            "minutes": minutes, "route_id": route_id, "method": method, "route": route})
+            **span, "route_id": route_id, "method": method, "route": route,
+            "compare": compare})
         return result
 
-    def top_clients(self, minutes: float, route_id: str, method: str, route: str,
-                    limit: int = 10) -> list[dict[str, Any]]:
+    def top_clients(self, span: dict[str, Any], route_id: str, method: str, route: str,
+                    limit: int = 10, compare: str | None = "prev") -> list[dict[str, Any]]:
         return list(self.call("GET", f"{PREFIX}/endpoints/top-clients", {
-            "minutes": minutes, "route_id": route_id, "method": method, "route": route,
-            "limit": limit})["clients"])
+            **span, "route_id": route_id, "method": method, "route": route,
+            "limit": limit, "compare": compare})["clients"])
 
-    def breakdown(self, minutes: float, route_id: str, method: str, route: str,
-                  by: str = "status") -> list[dict[str, Any]]:
+    def breakdown(self, span: dict[str, Any], route_id: str, method: str, route: str,
+                  by: str = "status", compare: str | None = "prev",
+                  limit: int = 10) -> list[dict[str, Any]]:
         return list(self.call("GET", f"{PREFIX}/endpoints/breakdown", {
-            "minutes": minutes, "route_id": route_id, "method": method, "route": route,
-            "by": by})["rows"])
+            **span, "route_id": route_id, "method": method, "route": route,
+            "by": by, "compare": compare, "limit": limit})["rows"])
 
-    def requests(self, minutes: float, **filters: Any) -> list[dict[str, Any]]:
-        return list(self.call("GET", f"{PREFIX}/requests",
-                              {"minutes": minutes, **filters})["requests"])
+    def requests(self, span: dict[str, Any], **filters: Any) -> dict[str, Any]:
+        result: dict[str, Any] = self.call("GET", f"{PREFIX}/requests", {**span, **filters})
+        return result
 
-    def anomalies(self, minutes: float, **filters: Any) -> list[dict[str, Any]]:
-        return list(self.call("GET", f"{PREFIX}/anomalies",
-                              {"minutes": minutes, **filters})["anomalies"])
+    def anomalies(self, span: dict[str, Any], **filters: Any) -> list[dict[str, Any]]:
+        return list(self.call("GET", f"{PREFIX}/anomalies", {**span, **filters})["anomalies"])
+
+    def anomaly(self, anomaly_id: str) -> dict[str, Any]:
+        result: dict[str, Any] = self.call("GET", f"{PREFIX}/anomalies/{_q(anomaly_id)}")
+        return result
 
     def recommendations(self, status: str | None = None) -> list[dict[str, Any]]:
         return list(self.call("GET", f"{PREFIX}/recommendations",
@@ -117,11 +127,24 @@ class ApiClient:
         return result
 
     def policy_history(self, policy_id: str) -> list[dict[str, Any]]:
-        path = f"{PREFIX}/policies/{urllib.parse.quote(policy_id, safe='')}/history"
-        return list(self.call("GET", path)["versions"])
+        return list(self.call("GET", f"{PREFIX}/policies/{_q(policy_id)}/history")["versions"])
 
-    def audit(self, count: int = 100) -> list[dict[str, Any]]:
-        return list(self.call("GET", f"{PREFIX}/audit", {"count": count})["records"])
+    def policy_diff(self, policy_id: str, older: int | None = None,
+                    newer: int | None = None) -> dict[str, Any]:
+        result: dict[str, Any] = self.call("GET", f"{PREFIX}/policies/{_q(policy_id)}/diff",
+                                           {"from": older, "to": newer})
+        return result
+
+    def targeted_impact(self, span: dict[str, Any], route_id: str, method: str, client: str,
+                        limit: int, window_s: float) -> dict[str, Any]:
+        result: dict[str, Any] = self.call("GET", f"{PREFIX}/policies/targeted/impact", {
+            **span, "route_id": route_id, "method": method, "client": client, "limit": limit,
+            "window_s": window_s})
+        return result
+
+    def audit(self, count: int = 100, subject: str | None = None) -> list[dict[str, Any]]:
+        return list(self.call("GET", f"{PREFIX}/audit",
+                              {"count": count, "subject": subject})["records"])
 
     def kill_switch(self) -> bool:
         return bool(self.call("GET", f"{PREFIX}/analytics/kill-switch")["engaged"])
@@ -132,23 +155,42 @@ class ApiClient:
     # -- actions -------------------------------------------------------------------------------
 
     def act(self, recommendation_id: str, action: str, reason: str) -> dict[str, Any]:
-        path = f"{PREFIX}/recommendations/{urllib.parse.quote(recommendation_id, safe='')}"
-        result: dict[str, Any] = self.call("POST", f"{path}/{action}", body={"reason": reason})
+        path = f"{PREFIX}/recommendations/{_q(recommendation_id)}/{action}"
+        result: dict[str, Any] = self.call("POST", path, body={"reason": reason})
         return result
 
-    def rollback_policy(self, policy_id: str, reason: str) -> dict[str, Any]:
-        path = f"{PREFIX}/policies/{urllib.parse.quote(policy_id, safe='')}/rollback"
-        result: dict[str, Any] = self.call("POST", path, body={"reason": reason})
+    def dismiss_anomaly(self, anomaly_id: str, reason: str) -> dict[str, Any]:
+        result: dict[str, Any] = self.call("POST", f"{PREFIX}/anomalies/{_q(anomaly_id)}/dismiss",
+                                           body={"reason": reason})
+        return result
+
+    def targeted_limit(self, **body: Any) -> dict[str, Any]:
+        result: dict[str, Any] = self.call("POST", f"{PREFIX}/policies/targeted", body=body)
+        return result
+
+    def rollback_policy(self, policy_id: str, reason: str,
+                        to_version: int | None = None) -> dict[str, Any]:
+        result: dict[str, Any] = self.call(
+            "POST", f"{PREFIX}/policies/{_q(policy_id)}/rollback",
+            body={"reason": reason, "to_version": to_version})
         return result
 
     def set_kill_switch(self, engaged: bool, reason: str) -> bool:
         return bool(self.call("PUT", f"{PREFIX}/analytics/kill-switch",
                               body={"engaged": engaged, "reason": reason})["engaged"])
 
+    def set_auto_mode(self, group: str, mode: str | None, reason: str) -> dict[str, str]:
+        return dict(self.call("PUT", f"{PREFIX}/analytics/auto-mode",
+                              body={"group": group, "mode": mode, "reason": reason})["modes"])
+
     def run_analytics(self, reason: str = "") -> dict[str, Any]:
         result: dict[str, Any] = self.call("POST", f"{PREFIX}/analytics/run",
                                            body={"reason": reason})
         return result
+
+
+def _q(part: str) -> str:
+    return urllib.parse.quote(part, safe="")
 
 
 def _problem(exc: urllib.error.HTTPError) -> ApiError:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -17,7 +19,8 @@ import pytest
 import redis.asyncio as aioredis
 from aiohttp import web
 
-from analytics.api import ApiSettings, build_api
+from analytics.api import ApiSettings, app_runner, build_api
+from analytics.auth import token_digest
 from analytics.controlplane import ControlPlaneSettings, run_controlplane
 from analytics.models import (
     Anomaly,
@@ -187,7 +190,7 @@ async def start_api(settings: ApiSettings, redis: aioredis.Redis, ch: SharedClie
                     port: int) -> tuple[web.AppRunner, web.Application, PolicyStore]:
     store = PolicyStore(redis, RedisKeys(settings.key_prefix))
     app = build_api(settings, redis, ch, store, None)
-    runner = web.AppRunner(app, access_log=None)
+    runner = app_runner(app)
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", port).start()
     return runner, app, store
@@ -199,10 +202,16 @@ def tokens_spec() -> str:
 
 
 @pytest.fixture
+def public_reads() -> bool:
+    return True
+
+
+@pytest.fixture
 async def live(redis_url: str, redis_client: aioredis.Redis, ch: SharedClient, port: int,
-               tmp_path: Path, now: float, tokens_spec: str) -> AsyncIterator[Live]:
+               tmp_path: Path, now: float, tokens_spec: str,
+               public_reads: bool) -> AsyncIterator[Live]:
     settings = ApiSettings(redis_url=redis_url, clickhouse_dsn=ch.dsn, data_dir=tmp_path,
-                           api_tokens=tokens_spec)
+                           api_tokens=tokens_spec, api_public_reads=public_reads)
     runner, app, store = await start_api(settings, redis_client, ch, port)
     try:
         await seed_redis(redis_client, store, now)
@@ -210,6 +219,62 @@ async def live(redis_url: str, redis_client: aioredis.Redis, ch: SharedClient, p
             yield Live(f"http://127.0.0.1:{port}", redis_client, store, app, session)
     finally:
         await runner.cleanup()
+
+
+@contextmanager
+def served_api(redis_url: str, chdb_dsn: str, data_dir: Path, *, seeded: bool = True,
+               anomalies: Callable[[float], list[Anomaly]] | None = None,
+               **settings: Any) -> Iterator[str]:
+    """A live API with seeded data, served from its own thread and event loop (for callers
+    that block their own loop: AppTest, schemathesis, a browser subprocess). Yields its URL."""
+    now = time.time()
+    ch = SharedClient(chdb_dsn)
+    port = free_port()
+    loop = asyncio.new_event_loop()
+    ready = threading.Event()
+    stop: list[asyncio.Event] = []
+    failure: list[BaseException] = []
+
+    async def serve() -> None:
+        client = aioredis.Redis.from_url(redis_url)
+        api_settings = ApiSettings(redis_url=redis_url, clickhouse_dsn=chdb_dsn,
+                                   data_dir=data_dir, **settings)
+        runner = None
+        try:
+            stop.append(asyncio.Event())
+            runner, _, store = await start_api(api_settings, client, ch, port)
+            if seeded:
+                await seed_redis(client, store, now)
+            ready.set()
+            await stop[0].wait()
+        except BaseException as exc:
+            failure.append(exc)
+            ready.set()
+            raise
+        finally:
+            if runner is not None:
+                await runner.cleanup()
+            await client.aclose()
+
+    thread = threading.Thread(target=loop.run_until_complete, args=(serve(),), daemon=True)
+    try:
+        if seeded:
+            seed_store(ch, now)
+            for anomaly in anomalies(now) if anomalies else []:
+                insert_anomaly(ch, anomaly)
+        else:
+            with ch.lock:
+                migrate(ch.client)
+        thread.start()
+        assert ready.wait(60), "API did not start"
+        assert not failure, failure
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        if stop:
+            loop.call_soon_threadsafe(stop[0].set)
+        thread.join(30)
+        loop.close()
+        ch.close()
 
 
 def by_route(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -267,7 +332,8 @@ async def test_top_clients_and_breakdown(live: Live) -> None:
     status = await live.ok("GET", "/api/v1/endpoints/breakdown?route_id=orders&by=status")
     assert {row["value"]: row["requests"] for row in status["rows"]} == {"200": 135, "500": 15}
     errors = await live.ok("GET", "/api/v1/endpoints/breakdown?by=error_type&route_id=orders")
-    assert errors["rows"][1] == {"value": "upstream_status_5xx", "requests": 15, "share": 0.1}
+    assert errors["rows"][1] == {"value": "upstream_status_5xx", "requests": 15, "share": 0.1,
+                                 "compare_requests": None, "compare_share": None}
 
 
 async def test_request_search_filters_and_pages(live: Live) -> None:
@@ -337,6 +403,7 @@ async def test_anomalies_with_filters_and_evidence(live: Live) -> None:
     ("/api/v1/endpoints?from=0", "range longer than 31 days"),
     ("/api/v1/endpoints?from=2030-01-02T00:00:00&to=2030-01-01T00:00:00", "before"),
     ("/api/v1/endpoints?from=yesterday", "ISO-8601"),
+    ("/api/v1/endpoints?to=0", "before 1970"),
     ("/api/v1/endpoints?minutes=5&minutes=6", "more than once"),
     ("/api/v1/requests?limit=5000", "limit"),
     ("/api/v1/requests?status=abc", "status"),
@@ -640,3 +707,201 @@ async def test_controlplane_collects_serves_and_runs(redis_url: str, redis_clien
     finally:
         stop.set()
         await asyncio.wait_for(task, 60)
+
+
+# -- comparisons, review, targeted limits, diffs --------------------------------------------------
+
+
+async def test_compare_with_earlier_windows(live: Live) -> None:
+    path = "/api/v1/endpoints/top-clients?route_id=orders&minutes=5&compare=prev"
+    body = await live.ok("GET", path)
+    assert body["compare"] == "prev"
+    assert body["compare_end"] == pytest.approx(body["start"])
+    clients = {row["client"]: row for row in body["clients"]}
+    # the window before spans the 5 whole minutes before: a 50, b 25
+    assert clients["client-a"]["compare_requests"] == 50
+    assert clients["client-b"]["compare_share"] == pytest.approx(25 / 75)
+    day = await live.ok("GET", path.replace("prev", "1d"))
+    assert {row["compare_requests"] for row in day["clients"]} == {0}
+    assert day["compare_start"] == pytest.approx(day["start"] - 86_400)
+
+    status = await live.ok("GET", "/api/v1/endpoints/breakdown?route_id=orders&minutes=4"
+                                  "&compare=prev")
+    rows = {row["value"]: row for row in status["rows"]}
+    assert (rows["500"]["requests"], rows["500"]["compare_requests"]) == (15, 0)
+    assert rows["500"]["compare_share"] == 0.0
+    series = await live.ok("GET", "/api/v1/endpoints/timeseries?route_id=orders&minutes=5"
+                                  "&compare=1w")
+    assert series["compare_offset_s"] == 7 * 86_400
+    assert [p["ts"] for p in series["compare_points"]] == [p["ts"] for p in series["points"]]
+    assert sum(p["requests"] for p in series["compare_points"]) == 0
+    status_code, problem, _ = await live.call("GET", "/api/v1/endpoints/timeseries?compare=2d")
+    assert status_code == 400
+    assert "compare" in problem["detail"]
+
+
+async def test_anomaly_status_and_dismissal(live: Live) -> None:
+    [anomaly] = (await live.ok("GET", "/api/v1/anomalies?status=open"))["anomalies"]
+    assert (anomaly["id"], anomaly["status"]) == (ANOMALY_ID, "open")
+    assert (await live.ok("GET", "/api/v1/anomalies?status=resolved"))["anomalies"] == []
+    status, problem, _ = await live.call("POST", f"/api/v1/anomalies/{ANOMALY_ID}/dismiss",
+                                         json={})
+    assert status == 400
+    assert "reason" in problem["detail"]
+    body = await live.ok("POST", f"/api/v1/anomalies/{ANOMALY_ID}/dismiss",
+                         json={"reason": "known batch job"})
+    assert (body["status"], body["review_reason"]) == ("dismissed", "known batch job")
+    assert (await live.ok("GET", "/api/v1/anomalies?status=open"))["anomalies"] == []
+    [dismissed] = (await live.ok("GET", "/api/v1/anomalies?status=dismissed"))["anomalies"]
+    assert dismissed["reviewed_by"] == "anonymous"
+    trail = await _audit(live, f"anomaly:{ANOMALY_ID}")
+    assert [(r["action"], r["reason"]) for r in trail] == [("anomaly.dismissed",
+                                                            "known batch job")]
+    status, _, _ = await live.call("POST", "/api/v1/anomalies/nope/dismiss", json={"reason": "x"})
+    assert status == 404
+
+
+async def test_targeted_limit_expires_and_actions_the_anomaly(live: Live) -> None:
+    impact = await live.ok("GET", "/api/v1/policies/targeted/impact?route_id=orders&method=GET"
+                                  "&client=client-b&limit=3&window_s=60&minutes=60")
+    # client-b sends 5 a minute for 10 minutes: 2 over the limit in each
+    assert (impact["requests"], impact["windows"]) == (50, 10)
+    assert (impact["windows_over_limit"], impact["requests_limited"]) == (10, 20)
+    assert impact["share_limited"] == pytest.approx(0.4)
+
+    before = time.time()
+    body = {"route_id": "orders", "method": "GET", "client": "client-b", "limit": 3,
+            "window_s": 60, "expires_in_s": 3600, "reason": "5xx from one client",
+            "anomaly_id": ANOMALY_ID}
+    policy = await live.ok("POST", "/api/v1/policies/targeted", json=body)
+    assert policy["id"] == "targeted:orders:GET:client-b"
+    assert (policy["match_key"], policy["key_by"], policy["limit"]) == ("client-b",
+                                                                        "client_id", 3)
+    assert before + 3600 <= policy["expires_at"] <= time.time() + 3600
+    stored = await live.store.get(policy["id"])
+    assert stored is not None
+    assert stored.source is Source.OPERATOR
+    assert stored.specificity > Policy(id="x", limit=1, window_s=1).specificity
+    view = await live.ok("GET", f"/api/v1/anomalies/{ANOMALY_ID}")
+    assert view["status"] == "actioned"
+    assert [r["action"] for r in await _audit(live, f"anomaly:{ANOMALY_ID}")] == [
+        "anomaly.actioned"]
+    assert (await _audit(live, policy["id"]))[0]["reason"] == "5xx from one client"
+
+    odd = await live.ok("POST", "/api/v1/policies/targeted",
+                        json={**body, "client": "10.0.0.1 x/y", "key_by": "ip",
+                              "anomaly_id": None})
+    assert odd["id"].startswith("targeted:orders:GET:10.0.0.1_x_y-")
+    for bad in ({"expires_in_s": 10 * 86_400}, {"expires_in_s": None}, {"reason": " "},
+                {"limit": 0}, {"key_by": "password"}, {"colour": "red"}):
+        status, problem, _ = await live.call("POST", "/api/v1/policies/targeted",
+                                             json={**body, **bad})
+        assert status == 400, (bad, problem)
+    status, _, _ = await live.call("POST", "/api/v1/policies/targeted",
+                                   json={**body, "anomaly_id": "missing"})
+    assert status == 404
+
+
+async def test_policy_diff_between_versions(live: Live) -> None:
+    path = "/api/v1/policies/orders-tight"
+    await live.ok("PUT", path, json={"route_id": "orders", "limit": 50, "window_s": 60,
+                                     "reason": "first"})
+    await live.ok("PUT", path, json={"route_id": "orders", "limit": 20, "window_s": 60,
+                                     "mode": "shadow", "reason": "tighter"})
+    body = await live.ok("GET", path + "/diff")
+    assert (body["from_version"], body["to_version"]) == (1, 2)
+    changes = {c["field"]: (c["before"], c["after"]) for c in body["changes"]}
+    assert changes["limit"] == (50, 20)
+    assert changes["mode"] == ("enforce", "shadow")
+    assert changes["reason"] == ("first", "tighter")
+    assert "version" not in changes
+    same = await live.ok("GET", path + "/diff?from=2&to=2")
+    assert same["changes"] == []
+    for query, code in (("?from=7", 404), ("?to=0", 400), ("?from=x", 400)):
+        status, _, _ = await live.call("GET", path + "/diff" + query)
+        assert status == code, query
+    status, _, _ = await live.call("GET", "/api/v1/policies/absent/diff")
+    assert status == 404
+
+
+# -- the role matrix: every role on every action ------------------------------------------------
+
+ROLE_TOKENS = {"ops": ("operator", TOKENS["ops"]), "sec": ("security", TOKENS["sec"]),
+               "ro": ("viewer", TOKENS["ro"])}
+HASHED_SPEC = ",".join(f"{name}:{role}:{token_digest(token)}"
+                       for name, (role, token) in ROLE_TOKENS.items())
+
+
+async def _applied(live: Live) -> None:
+    rec = Recommendation.model_validate_json(
+        await live.redis.hget(RedisKeys().recommendations, REC_ID))
+    policy = await live.store.put(rec.policy, actor="test", reason="applied")
+    applied = rec.model_copy(update={"status": RecommendationStatus.APPLIED, "policy": policy})
+    await live.redis.hset(RedisKeys().recommendations, REC_ID, applied.model_dump_json())
+
+
+async def _two_versions(live: Live) -> None:
+    await live.store.put(Policy(id="default-per-client", limit=50, window_s=60),
+                         actor="test", reason="second")
+
+
+_NOTHING: Any = None
+# (method, path, body, least role, status when allowed, setup)
+ACTION_MATRIX: list[tuple[str, str, dict[str, Any], str, int, Any]] = [
+    ("POST", f"/api/v1/recommendations/{REC_ID}/approve", {}, "security", 200, _NOTHING),
+    ("POST", f"/api/v1/recommendations/{REC_ID}/dismiss", {}, "security", 200, _NOTHING),
+    ("POST", f"/api/v1/anomalies/{ANOMALY_ID}/dismiss", {}, "security", 200, _NOTHING),
+    ("POST", "/api/v1/policies/targeted", {"route_id": "orders", "method": "GET",
+                                           "client": "client-b", "limit": 3, "window_s": 60,
+                                           "expires_in_s": 600}, "security", 200, _NOTHING),
+    ("POST", f"/api/v1/recommendations/{REC_ID}/apply", {}, "operator", 200, _NOTHING),
+    ("POST", f"/api/v1/recommendations/{REC_ID}/rollback", {}, "operator", 200, _applied),
+    ("PUT", "/api/v1/policies/orders-tight", {"route_id": "orders", "limit": 5,
+                                              "window_s": 60}, "operator", 200, _NOTHING),
+    ("DELETE", "/api/v1/policies/default-per-client", {}, "operator", 200, _NOTHING),
+    ("POST", "/api/v1/policies/default-per-client/rollback", {}, "operator", 200,
+     _two_versions),
+    ("PUT", "/api/v1/analytics/auto-mode", {"group": "orders", "mode": "auto"}, "operator", 200,
+     _NOTHING),
+    ("PUT", "/api/v1/analytics/kill-switch", {"engaged": True}, "operator", 200, _NOTHING),
+    ("POST", "/api/v1/analytics/run", {}, "operator", 503, _NOTHING),  # no scheduler here
+]
+READS = ["/api/v1/endpoints", "/api/v1/anomalies", "/api/v1/recommendations",
+         "/api/v1/policies", "/api/v1/audit", "/api/v1/analytics/kill-switch",
+         "/api/v1/policies/default-per-client/history"]
+
+
+@pytest.mark.parametrize("tokens_spec", [HASHED_SPEC])
+@pytest.mark.parametrize("public_reads", [False])
+async def test_role_matrix(live: Live, now: float) -> None:
+    rank = {"viewer": 1, "security": 2, "operator": 3}
+    seen: list[tuple[str, str, str, int]] = []
+    for method, path, body, least, allowed_status, setup in ACTION_MATRIX:
+        for caller in (None, "ro", "sec", "ops"):
+            await live.redis.flushdb()
+            await seed_redis(live.redis, live.store, now)
+            if setup is not None:
+                await setup(live)
+            reason = f"matrix {caller} {method} {path}"
+            token = ROLE_TOKENS[caller][1] if caller else None
+            status, problem, _ = await live.call(method, path, token=token,
+                                                 json={**body, "reason": reason})
+            if caller is None:
+                expected = 401
+            elif rank[ROLE_TOKENS[caller][0]] < rank[least]:
+                expected = 403
+            else:
+                expected = allowed_status
+            seen.append((method, path, str(caller), status))
+            assert status == expected, (method, path, caller, problem)
+            if expected == 200:
+                [latest] = (await live.ok("GET", "/api/v1/audit?count=1",
+                                          token=ROLE_TOKENS["ro"][1]))["records"]
+                assert (latest["actor"], latest["reason"]) == (caller, reason), latest
+    assert len(seen) == len(ACTION_MATRIX) * 4
+    for path in READS:
+        status, _, _ = await live.call("GET", path)
+        assert status == 401, path
+        for caller in ROLE_TOKENS:
+            status, problem, _ = await live.call("GET", path, token=ROLE_TOKENS[caller][1])
+            assert status == 200, (path, caller, problem)

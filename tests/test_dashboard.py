@@ -1,81 +1,73 @@
-"""The Streamlit dashboard (AppTest) against a live API on a real port, with seeded data."""
+"""The Streamlit dashboard (AppTest), page by page, against a live API with seeded data.
+
+Seeded (see tests/test_api.py): orders 150 requests (15 x 500 from client-b in the last 3
+minutes, an error_spike anomaly, a pending recommendation 12/60 s), users 40 requests from
+client-a; plus two security anomalies below; one policy `default-per-client` 100/60 s.
+"""
 
 from __future__ import annotations
 
-import asyncio
-import threading
-import time
+import json
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pytest
 import redis
-import redis.asyncio as aioredis
 from streamlit.testing.v1 import AppTest
 
-from analytics.api import ApiSettings
-from analytics.models import Recommendation, RecommendationStatus
+from analytics.models import Anomaly, Recommendation, RecommendationStatus
 from apigw.redis_server import free_port
-from collector.clickhouse import SharedClient
 from proxy.policy import RedisKeys
-from tests.test_api import ANOMALY_ID, REC_ID, seed_redis, seed_store, start_api
+from tests.test_api import ANOMALY_ID, ORDERS, REC_ID, USERS, served_api
 
 APP = Path(__file__).resolve().parents[1] / "dashboard" / "app.py"
+ENUM_ID = "anom-users-enum"
+AUTH_ID = "anom-orders-auth"
+
+
+def security_anomalies(now: float) -> list[Anomaly]:
+    end = int(now // 60) * 60 - 60
+    return [
+        Anomaly(id=ENUM_ID, detected_at=now - 20, window_start=end - 300, window_end=end,
+                endpoint=USERS, kind="enumeration", severity="high", score=0.95,
+                metric="distinct_paths", baseline=2.0, observed=4.0, top_clients=["client-a"],
+                example_request_ids=["req-u-9-3"], example_trace_ids=["trace-req-u-9-3"],
+                summary="client-a walks /users/{id}"),
+        Anomaly(id=AUTH_ID, detected_at=now - 10, window_start=end - 120, window_end=end,
+                endpoint=ORDERS, kind="auth_failure_burst", severity="medium", score=0.9,
+                metric="auth_failures", baseline=0.0, observed=12.0, top_clients=["client-b"],
+                summary="auth failures from client-b"),
+    ]
 
 
 @pytest.fixture
 def api_url(redis_url: str, chdb_dsn: str, tmp_path: Path) -> Iterator[str]:
-    """A live API served from its own thread and event loop (AppTest blocks this one)."""
-    now = time.time()
-    ch = SharedClient(chdb_dsn)
-    port = free_port()
-    loop = asyncio.new_event_loop()
-    ready = threading.Event()
-    stop: list[asyncio.Event] = []
-    failure: list[BaseException] = []
-
-    async def serve() -> None:
-        client = aioredis.Redis.from_url(redis_url)
-        settings = ApiSettings(redis_url=redis_url, clickhouse_dsn=chdb_dsn, data_dir=tmp_path)
-        runner = None
-        try:
-            stop.append(asyncio.Event())
-            runner, _, store = await start_api(settings, client, ch, port)
-            await seed_redis(client, store, now)
-            ready.set()
-            await stop[0].wait()
-        except BaseException as exc:
-            failure.append(exc)
-            ready.set()
-            raise
-        finally:
-            if runner is not None:
-                await runner.cleanup()
-            await client.aclose()
-
-    thread = threading.Thread(target=loop.run_until_complete, args=(serve(),), daemon=True)
-    try:
-        seed_store(ch, now)
-        thread.start()
-        assert ready.wait(60), "API did not start"
-        assert not failure, failure
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        if stop:
-            loop.call_soon_threadsafe(stop[0].set)
-        thread.join(30)
-        loop.close()
-        ch.close()
+    with served_api(redis_url, chdb_dsn, tmp_path, anomalies=security_anomalies) as url:
+        yield url
 
 
-def run_app(url: str, monkeypatch: pytest.MonkeyPatch, **query: str) -> AppTest:
+def api(url: str, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+    request = urllib.request.Request(url + path, method=method,
+                                     data=json.dumps(body).encode() if body else None,
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())
+
+
+def open_page(url: str, monkeypatch: pytest.MonkeyPatch, page: str | None = None,
+              **query: str) -> AppTest:
     monkeypatch.setenv("APIGW_API_URL", url)
     monkeypatch.delenv("APIGW_API_TOKEN", raising=False)
     app = AppTest.from_file(str(APP), default_timeout=60)
     for name, value in query.items():
         app.query_params[name] = value
     app.run()
+    if page is not None:
+        app.switch_page(f"views/{page}.py")
+        app.run()
     assert not app.exception, [e.value for e in app.exception]
     return app
 
@@ -86,65 +78,171 @@ def frame_with(app: AppTest, column: str) -> pd.DataFrame:
     return frames[0]
 
 
-def test_dashboard_shows_endpoints_anomalies_and_policies(
+def metrics(app: AppTest) -> dict[str, str]:
+    return {m.label: m.value for m in app.metric}
+
+
+def test_overview_ranks_endpoints_and_puts_open_incidents_first(
         api_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    app = run_app(api_url, monkeypatch, minutes="60")
+    app = open_page(api_url, monkeypatch, minutes="60")
+    assert [t.value for t in app.main.title] == ["Overview"]
+    assert metrics(app)["Requests"] == "190"
+    assert metrics(app)["Open incidents"] == "3"
 
-    endpoints = frame_with(app, "health").set_index("endpoint")
-    assert endpoints.loc["orders GET /orders/{id}", "requests"] == 150
-    assert endpoints.loc["users GET /users/{id}", "requests"] == 40
-    assert endpoints.loc["orders GET /orders/{id}", "anomalies"] == 1
-    assert "critical" in endpoints.loc["orders GET /orders/{id}", "health"]
-    assert {m.label: m.value for m in app.metric}["Requests"] == "190"
+    incidents = frame_with(app, "kind")
+    assert list(incidents["id"]) == [ANOMALY_ID, ENUM_ID, AUTH_ID]  # high 0.97, high, medium
+    first = incidents.iloc[0]
+    assert (first["kind"], first["endpoint"]) == ("error_spike", "orders GET /orders/{id}")
+    assert first["top clients"] == "client-b"
+    assert f"anomaly={ANOMALY_ID}" in first["investigate"]
 
-    anomalies = frame_with(app, "kind")
-    [row] = anomalies.to_dict("records")
-    assert (row["id"], row["kind"], row["severity"]) == (ANOMALY_ID, "error_spike", "high")
-    assert row["endpoint"] == "orders GET /orders/{id}"
-    assert row["top clients"] == "client-b"
-    assert "req-b-9-0" in row["example requests"]
-    assert (row["baseline"], row["observed"]) == (0.0, 0.333)
-
-    policies = frame_with(app, "source").set_index("id")
-    assert policies.loc["default-per-client", "limit"] == "100 / 60 s"
-    assert bool(policies.loc["default-per-client", "active"])
-
-    titles = [expander.label for expander in app.expander]
-    assert any("[pending] orders GET /orders/{id} → 12 per 60 s" in t for t in titles), titles
-    assert any(ANOMALY_ID in caption.value for caption in app.caption)
+    endpoints = frame_with(app, "health")
+    assert list(endpoints["endpoint"]) == ["orders GET /orders/{id}", "users GET /users/{id}"]
+    orders = endpoints.iloc[0]
+    assert (orders["requests"], orders["anomalies"]) == (150, 2)
+    assert "critical" in orders["health"]
+    assert sum(orders["traffic"]) == 150
+    assert orders["error rate"] == pytest.approx(0.1)
 
 
-def test_dashboard_approves_a_recommendation(api_url: str, redis_url: str,
-                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    app = run_app(api_url, monkeypatch)
-    app.text_input(key=f"reason-{REC_ID}").input("checked the traces")
+def test_investigate_deep_link_to_an_endpoint(api_url: str,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    app = open_page(api_url, monkeypatch, "investigate", endpoint="users GET /users/{id}",
+                    minutes="60", compare="1d", tz="Asia/Kolkata", refresh="30 s")
+    boxes = {box.label: box.value for box in app.sidebar.selectbox}
+    assert (boxes["Time zone"], boxes["Auto-refresh"]) == ("Asia/Kolkata", "30 s")
+    endpoint_box = next(box for box in app.selectbox if box.label == "Endpoint")
+    assert endpoint_box.value == "users GET /users/{id}"
+    assert app.radio[0].value == "a day earlier"
+    assert len(app.get("vega_lite_chart")) == 4
+    clients = frame_with(app, "client")
+    assert clients.to_dict("records")[0]["client"] == "client-a"
+    assert clients.to_dict("records")[0]["requests"] == 40
+    status = frame_with(app, "status")
+    assert status.set_index("status").loc["200", "requests"] == 40
+    compared = frame_with(app, "worst p95 ms")
+    assert compared.loc["this window", "requests"] == 40
+    assert compared.loc["a day earlier", "requests"] == 0
+    requests = frame_with(app, "trace_id")
+    assert len(requests) == 40
+    assert set(requests["client_id"]) == {"client-a"}
+    newest = api(api_url, "GET", "/api/v1/requests?route_id=users&limit=1")["requests"][0]
+    shown = requests.iloc[0]["timestamp"]  # in the chosen zone: UTC + 5:30
+    assert shown == pd.Timestamp(newest["timestamp"], unit="s", tz="Asia/Kolkata").tz_localize(None)
+    assert app.query_params["endpoint"] == "users GET /users/{id}"
+
+
+def test_investigate_from_an_anomaly(api_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    app = open_page(api_url, monkeypatch, "investigate", anomaly=ANOMALY_ID)
+    [banner] = app.error
+    assert "error_spike" in banner.value
+    assert "client-b" in banner.value
+    requests = frame_with(app, "trace_id")
+    assert len(requests) == 15
+    assert set(requests["status"]) == {500}
+    assert "trace-req-b-9-0" in set(requests["trace_id"])
+    ips = frame_with(app, "ip")
+    assert ips.iloc[0]["ip"] == "127.0.0.9"
+    errors = frame_with(app, "error class").set_index("error class")
+    assert errors.loc["upstream_status_5xx", "requests"] == 15
+
+
+def test_security_review_limits_one_client_and_dismisses_another(
+        api_url: str, redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    app = open_page(api_url, monkeypatch, "security", minutes="60")
+    assert metrics(app)["To review"] == "2"
+    labels = [e.label for e in app.expander]
+    assert labels[0].startswith("[high] enumeration · users GET /users/{id}")
+    assert "auth_failure_burst" in labels[1]
+
+    app.number_input(key=f"limit-n-{ENUM_ID}").set_value(3).run()
+    impact = next(i.value for i in app.info if "Simulated on client-a" in i.value)
+    assert "10 of 40 requests (25%)" in impact, impact  # 4 a minute, 1 over a limit of 3
+    app.text_input(key=f"limit-reason-{ENUM_ID}").input("walks user ids").run()
+    app.button(key=f"limit-{ENUM_ID}").click().run()
+    assert not app.exception
+    policy = api(api_url, "GET", "/api/v1/policies/targeted:users:GET:client-a")
+    assert (policy["limit"], policy["match_key"], policy["reason"]) == (3, "client-a",
+                                                                        "walks user ids")
+    assert policy["expires_at"] is not None
+
+    app.text_input(key=f"dismiss-reason-{AUTH_ID}").input("pen test").run()
+    app.button(key=f"dismiss-{AUTH_ID}").click().run()
+    assert metrics(app)["To review"] == "0"
+    reviewed = frame_with(app, "by").set_index("id")
+    assert reviewed.loc[ENUM_ID, "status"] == "actioned"
+    assert (reviewed.loc[AUTH_ID, "status"], reviewed.loc[AUTH_ID, "reason"]) == ("dismissed",
+                                                                                  "pen test")
+
+
+def test_policies_page_approves_diffs_and_rolls_back(
+        api_url: str, redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    api(api_url, "PUT", "/api/v1/policies/default-per-client",
+        {"limit": 60, "window_s": 60, "reason": "tighter for the sale"})
+    app = open_page(api_url, monkeypatch, "policies", minutes="60")
+    table = frame_with(app, "recommended").set_index("endpoint")
+    assert table.loc["orders GET /orders/{id}", "active"] == "60 / 60 s by client_id"
+    assert table.loc["orders GET /orders/{id}", "recommended"] == "12 / 60 s by client_id"
+    assert table.loc["users GET /users/{id}", "recommended"] == ""
+    history = frame_with(app, "why")
+    assert list(history["version"]) == [2, 1]
+    assert list(history["why"]) == ["tighter for the sale", "baseline"]
+    diff = frame_with(app, "field").set_index("field")
+    assert (diff.loc["limit", "v1"], diff.loc["limit", "v2"]) == ("100", "60")
+
+    app.text_input(key=f"reason-{REC_ID}").input("checked the traces").run()
     app.button(key=f"approve-{REC_ID}").click().run()
     assert not app.exception
     client = redis.Redis.from_url(redis_url)
     try:
         raw = client.hget(RedisKeys().recommendations, REC_ID)
+        assert raw is not None
+        record = Recommendation.model_validate_json(raw)
+        assert record.status is RecommendationStatus.APPROVED
+        assert record.status_reason == "checked the traces"
+
+        app.button(key="rollback").click().run()
+        assert api(api_url, "GET", "/api/v1/policies/default-per-client")["limit"] == 100
+        app.text_input(key="kill-reason").input("bad deploy").run()
+        app.button(key="kill").click().run()
+        assert client.get(RedisKeys().kill_switch) == b"1"
     finally:
         client.close()
-    assert raw is not None
-    record = Recommendation.model_validate_json(raw)
-    assert record.status is RecommendationStatus.APPROVED
-    assert record.status_reason == "checked the traces"
     assert any("[approved]" in expander.label for expander in app.expander)
 
 
-def test_deep_link_opens_the_endpoint(api_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    app = run_app(api_url, monkeypatch, endpoint="users GET /users/{id}", minutes="60")
-    endpoint_box = next(box for box in app.selectbox if box.label == "Endpoint")
-    assert endpoint_box.value == "users GET /users/{id}"
-    clients = frame_with(app, "distinct_paths")
-    assert clients.to_dict("records")[0]["client"] == "client-a"
-    assert clients.to_dict("records")[0]["requests"] == 40
-    assert app.query_params["endpoint"] == "users GET /users/{id}"
+def test_audit_page_lists_changes(api_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    api(api_url, "POST", f"/api/v1/anomalies/{ENUM_ID}/dismiss", {"reason": "crawler"})
+    app = open_page(api_url, monkeypatch, "audit")
+    records = frame_with(app, "actor")
+    assert records.iloc[0]["action"] == "anomaly.dismissed"
+    assert records.iloc[0]["reason"] == "crawler"
+    assert "default-per-client" in set(records["subject"])
 
 
-def test_api_down_shows_a_banner(monkeypatch: pytest.MonkeyPatch) -> None:
-    app = run_app(f"http://127.0.0.1:{free_port()}", monkeypatch)
-    assert len(app.error) == 1
-    assert "unreachable" in app.error[0].value
-    assert [button.label for button in app.button] == ["Retry now"]
-    assert not app.dataframe
+def test_api_down_shows_a_banner_on_every_page(monkeypatch: pytest.MonkeyPatch) -> None:
+    url = f"http://127.0.0.1:{free_port()}"
+    for page in (None, "investigate", "security", "policies", "audit"):
+        app = open_page(url, monkeypatch, page)
+        assert len(app.error) == 1, page
+        assert "unreachable" in app.error[0].value
+        assert [button.label for button in app.button] == ["Retry now"]
+        assert not app.dataframe
+
+
+def test_actions_need_the_token_from_the_login_box(redis_url: str, chdb_dsn: str,
+                                                   tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    token = "security-token-0123456789"
+    with served_api(redis_url, chdb_dsn, tmp_path, anomalies=security_anomalies,
+                    api_tokens=f"sec:security:{token}") as url:
+        app = open_page(url, monkeypatch, "security", minutes="60")
+        app.text_input(key=f"dismiss-reason-{AUTH_ID}").input("pen test").run()
+        app.button(key=f"dismiss-{AUTH_ID}").click().run()
+        assert any("Enter a token in the sidebar" in w.value for w in app.warning)
+        assert api(url, "GET", f"/api/v1/anomalies/{AUTH_ID}")["status"] == "open"
+
+        app.sidebar.text_input(key="token").input(token).run()
+        app.button(key=f"dismiss-{AUTH_ID}").click().run()
+        view = api(url, "GET", f"/api/v1/anomalies/{AUTH_ID}")
+        assert (view["status"], view["reviewed_by"]) == ("dismissed", "sec")

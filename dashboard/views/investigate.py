@@ -1,0 +1,181 @@
+"""Investigate one endpoint: what changed, since when, for which clients, with which requests.
+
+Arrive by picking an endpoint, by a deep link `?endpoint=<key>`, or from an anomaly
+`?anomaly=<id>` (which also sets the range around the anomaly's window).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pandas as pd
+import streamlit as st
+
+from dashboard.charts import series_chart
+from dashboard.common import (
+    Context,
+    Span,
+    current,
+    endpoint_key,
+    guarded,
+    param,
+    split_key,
+    times,
+    when,
+)
+
+COMPARE = {"nothing": None, "a day earlier": "1d", "a week earlier": "1w"}
+PAGE_SIZE = 50
+
+
+def anomaly_span(anomaly: dict[str, Any], now: float) -> Span:
+    """A range around an anomaly: enough before it for a baseline, a little after."""
+    length = max(60.0, anomaly["window_end"] - anomaly["window_start"])
+    return Span(start=anomaly["window_start"] - max(3600.0, 6 * length),
+                end=min(now, anomaly["window_end"] + max(1800.0, length)))
+
+
+def choose(ctx: Context) -> tuple[str | None, Span, dict[str, Any] | None]:
+    """The endpoint, range and (when arriving from one) anomaly to show."""
+    anomaly_id = param("anomaly", "")
+    if anomaly_id:
+        anomaly = ctx.client.anomaly(anomaly_id)
+        return endpoint_key(anomaly["endpoint"]), anomaly_span(anomaly, time.time()), anomaly
+    keys = [endpoint_key(row) for row in ctx.client.endpoints(ctx.span.params())]
+    wanted = param("endpoint", "")
+    if wanted and wanted not in keys:
+        keys.insert(0, wanted)
+    if not keys:
+        return None, ctx.span, None
+    key = st.selectbox("Endpoint", keys, index=keys.index(wanted) if wanted in keys else 0)
+    st.query_params["endpoint"] = key
+    return key, ctx.span, None
+
+
+def share_table(rows: list[dict[str, Any]], name: str) -> pd.DataFrame:
+    return pd.DataFrame([{
+        name: row.get("client", row.get("value")), "requests": row["requests"],
+        "share": row["share"], "share before": row["compare_share"],
+        "change": row["share"] - (row["compare_share"] or 0.0),
+        **({"5xx": row["errors_5xx"], "auth failures": row["auth_failures"],
+            "distinct paths": row["distinct_paths"]} if "errors_5xx" in row else {}),
+    } for row in rows])
+
+
+SHARE_COLUMNS = {"share": st.column_config.NumberColumn(format="percent"),
+                 "share before": st.column_config.NumberColumn(format="percent"),
+                 "change": st.column_config.NumberColumn(format="percent")}
+
+
+def totals(points: list[dict[str, Any]]) -> dict[str, float]:
+    requests = sum(p["requests"] for p in points)
+    errors = sum(p["errors_5xx"] for p in points)
+    p95 = [p["p95_ms"] for p in points if p["p95_ms"] is not None]
+    return {"requests": requests, "5xx": errors, "5xx rate": errors / requests if requests
+            else 0.0, "429s": sum(p["rate_limited"] for p in points),
+            "auth failures": sum(p["auth_failures"] for p in points),
+            "worst p95 ms": max(p95) if p95 else 0.0}
+
+
+def render(ctx: Context) -> None:
+    st.title("Investigate")
+    key, span, anomaly = choose(ctx)
+    if key is None:
+        st.info("No endpoint to investigate in this range.")
+        return
+    route_id, method, template = split_key(key)
+    where = {"route_id": route_id, "method": method, "route": template}
+    if anomaly is not None:
+        st.error(f"**{anomaly['severity']} {anomaly['kind']}** on `{key}` from "
+                 f"{when(anomaly['window_start'], ctx.tz)} to "
+                 f"{when(anomaly['window_end'], ctx.tz)}: {anomaly['summary']} "
+                 f"({anomaly['metric']} {anomaly['baseline']:.3g} → {anomaly['observed']:.3g}; "
+                 f"top clients {', '.join(anomaly['top_clients']) or '-'})",
+                 icon=":material/warning:")
+    labels = list(COMPARE)
+    chosen = param("compare", "")
+    label = st.radio("Compare with", labels, horizontal=True,
+                     index=next((i for i, lb in enumerate(labels) if COMPARE[lb] == chosen), 0))
+    compare = COMPARE[label]
+    if compare:
+        st.query_params["compare"] = compare
+    elif "compare" in st.query_params:
+        del st.query_params["compare"]
+    params = span.params()
+    series = ctx.client.timeseries(params, route_id, method, template, compare=compare)
+    st.caption(f"`{key}` · {span.label(ctx.tz)} · resolution {series['step_s']} s · "
+               "shaded: anomaly windows · grey band: rolling baseline")
+    data = pd.DataFrame(series["points"])
+    flagged = ctx.client.anomalies(params, **where)
+    windows = pd.DataFrame([{"start": a["window_start"], "end": a["window_end"],
+                             "kind": a["kind"], "severity": a["severity"],
+                             "summary": a["summary"]} for a in flagged])
+    if not windows.empty:
+        windows["start"], windows["end"] = times(windows["start"], ctx.tz), times(windows["end"],
+                                                                                   ctx.tz)
+    if not data.empty:
+        data["time"] = times(data["ts"], ctx.tz)
+        earlier = pd.DataFrame(series["compare_points"])
+        if not earlier.empty:
+            earlier["time"] = times(earlier["ts"], ctx.tz)
+        charts = (("requests", "requests / bucket", False), ("error_rate", "5xx rate", True),
+                  ("p95_ms", "p95 latency ms", False), ("rate_limited", "429s / bucket", False))
+        grid = st.columns(2)
+        for i, (column, title, percent) in enumerate(charts):
+            grid[i % 2].altair_chart(series_chart(
+                data, column, title, windows, earlier if compare else None, label, percent),
+                width="stretch")
+
+    st.subheader("Compared with the same window earlier")
+    now_totals = totals(series["points"])
+    rows = {"this window": now_totals}
+    for name, code in (("a day earlier", "1d"), ("a week earlier", "1w")):
+        other = series if compare == code else ctx.client.timeseries(
+            params, route_id, method, template, compare=code)
+        rows[name] = totals(other["compare_points"])
+    st.dataframe(pd.DataFrame(rows).T, column_config={
+        "5xx rate": st.column_config.NumberColumn(format="percent")})
+
+    left, right = st.columns(2)
+    with left:
+        st.markdown("**Status codes** (share during vs the window before)")
+        st.dataframe(share_table(ctx.client.breakdown(params, route_id, method, template,
+                                                      "status"), "status"),
+                     hide_index=True, column_config=SHARE_COLUMNS)
+        st.markdown("**Top clients**")
+        st.dataframe(share_table(ctx.client.top_clients(params, route_id, method, template),
+                                 "client"), hide_index=True, column_config=SHARE_COLUMNS)
+    with right:
+        st.markdown("**Error classes**")
+        st.dataframe(share_table(ctx.client.breakdown(params, route_id, method, template,
+                                                      "error_type"), "error class"),
+                     hide_index=True, column_config=SHARE_COLUMNS)
+        st.markdown("**Top IPs**")
+        st.dataframe(share_table(ctx.client.breakdown(params, route_id, method, template,
+                                                      "client_address"), "ip"),
+                     hide_index=True, column_config=SHARE_COLUMNS)
+
+    st.subheader("Example requests")
+    cols = st.columns([1, 2, 2, 1])
+    status = cols[0].selectbox("Status", ["any", "5xx", "4xx", "429", "2xx"],
+                               index=1 if anomaly is not None else 0)
+    who = cols[1].text_input("Client (id or address)", "")
+    trace = cols[2].text_input("Trace id", "")
+    page = int(cols[3].number_input("Page", min_value=1, max_value=2000, value=1))
+    found = ctx.client.requests(params, **where, status=None if status == "any" else status,
+                                client=who or None, trace_id=trace or None, limit=PAGE_SIZE,
+                                offset=(page - 1) * PAGE_SIZE)
+    frame = pd.DataFrame(found["requests"])
+    if frame.empty:
+        st.info("No request matches.")
+        return
+    frame["timestamp"] = times(frame["timestamp"], ctx.tz)
+    st.dataframe(frame[["timestamp", "status", "duration_ms", "client_id", "client_address",
+                        "url_path", "error_type", "request_id", "trace_id"]], hide_index=True)
+    more = " · more on the next page" if found["next_offset"] is not None else ""
+    st.caption(f"{len(frame)} requests on page {page}{more} · cells are copyable "
+               "(select, then Ctrl+C)")
+
+
+guarded(current(), render)

@@ -1,0 +1,83 @@
+"""Overview: the fleet at a glance - open incidents first, endpoints ranked by trouble."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pandas as pd
+import streamlit as st
+
+from dashboard.common import (
+    HEALTH_ICON,
+    SEVERITY_ORDER,
+    Context,
+    current,
+    endpoint_key,
+    guarded,
+    link,
+    when,
+)
+
+SPARKLINES = 20  # endpoints that get a traffic sparkline (one rollup query each)
+
+
+def rank(endpoints: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Most troubled first: open anomalies, then anomaly score, 5xx rate, p95 latency."""
+    return sorted(endpoints, key=lambda e: (-(e["open_anomalies"] > 0), -e["max_score"],
+                                            -e["error_rate"], -(e["p95_ms"] or 0.0)))
+
+
+def render(ctx: Context) -> None:
+    st.title("Overview")
+    span = ctx.span.params()
+    endpoints = rank(ctx.client.endpoints(span))
+    incidents = sorted(ctx.client.anomalies(span, status="open"),
+                       key=lambda a: (SEVERITY_ORDER.get(a["severity"], 9), -a["score"]))
+    total = sum(row["requests"] for row in endpoints)
+    errors = sum(row["errors_5xx"] for row in endpoints)
+    cols = st.columns(5)
+    cols[0].metric("Requests", f"{total:,}")
+    cols[1].metric("5xx rate", f"{errors / total:.2%}" if total else "-")
+    cols[2].metric("Open incidents", len(incidents))
+    cols[3].metric("Endpoints flagged", sum(1 for row in endpoints if row["open_anomalies"]))
+    cols[4].metric("429s", f"{sum(row['rate_limited'] for row in endpoints):,}")
+    st.caption(f"{ctx.span.label(ctx.tz)} · {len(endpoints)} endpoints")
+
+    st.subheader("Open incidents")
+    if incidents:
+        st.dataframe(pd.DataFrame([{
+            "severity": a["severity"], "kind": a["kind"], "endpoint": endpoint_key(a["endpoint"]),
+            "since": when(a["window_start"], ctx.tz), "score": a["score"],
+            "baseline": a["baseline"], "observed": a["observed"],
+            "top clients": ", ".join(a["top_clients"]), "summary": a["summary"],
+            "investigate": link("investigate", anomaly=a["id"]), "id": a["id"],
+        } for a in incidents]), hide_index=True, column_config={
+            "investigate": st.column_config.LinkColumn(display_text="open ↗"),
+            "score": st.column_config.ProgressColumn(min_value=0.0, max_value=1.0,
+                                                     format="%.2f")})
+    else:
+        st.success("No open incidents.")
+
+    st.subheader("Endpoints")
+    if not endpoints:
+        st.info("No traffic in this range yet.")
+        return
+    sparks = {endpoint_key(row): [p["requests"] for p in ctx.client.timeseries(
+        span, row["route_id"], row["method"], row["http_route"])["points"]]
+        for row in endpoints[:SPARKLINES]}
+    st.dataframe(pd.DataFrame([{
+        "endpoint": endpoint_key(row), "health": HEALTH_ICON.get(row["health"], row["health"]),
+        "score": row["max_score"], "anomalies": row["open_anomalies"],
+        "requests": row["requests"], "error rate": row["error_rate"], "p95 ms": row["p95_ms"],
+        "429s": row["rate_limited"], "auth failures": row["auth_failures"],
+        "clients": row["clients"], "traffic": sparks.get(endpoint_key(row), []),
+        "investigate": link("investigate", endpoint=endpoint_key(row)),
+    } for row in endpoints]), hide_index=True, column_config={
+        "error rate": st.column_config.NumberColumn(format="percent"),
+        "p95 ms": st.column_config.NumberColumn(format="%.1f"),
+        "score": st.column_config.NumberColumn(format="%.2f"),
+        "traffic": st.column_config.LineChartColumn("traffic (requests)"),
+        "investigate": st.column_config.LinkColumn(display_text="investigate ↗")})
+
+
+guarded(current(), render)

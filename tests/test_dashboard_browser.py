@@ -1,0 +1,197 @@
+"""The dashboard in a real browser: headless Chromium loads every page of a running
+`apigw dashboard` (a subprocess) that reads a live API with seeded data, checks that each page
+rendered its title and no Streamlit exception, and saves a screenshot of it under
+tests/artifacts/screenshots/ (gitignored).
+
+Chromium runs headless with a DevTools port: the test navigates, waits until the page shows
+its title and Streamlit is idle (a screenshot flag with a virtual-time budget fires before the
+websocket delivers the page), then captures the screenshot and the DOM. Chromium is Debian's
+`chromium` package. When it is missing and the test runs as root, the test
+installs it with apt-get; it is skipped (with the reason) only when that is not possible.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+import urllib.parse
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from apigw.redis_server import free_port
+from tests.processes import apigw_command, managed
+from tests.test_api import ANOMALY_ID, served_api
+from tests.test_dashboard import security_anomalies
+
+ROOT = Path(__file__).resolve().parents[1]
+SCREENSHOTS = ROOT / "tests" / "artifacts" / "screenshots"
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+         "--disable-component-update", "--no-first-run", "--disable-sync",
+         "--disable-dev-shm-usage", "--hide-scrollbars", "--window-size=1400,1000"]
+PAGE_TIMEOUT_S = 20.0  # a page must show its title, with Streamlit idle, within this
+# (file name, path and query, the title the page must show)
+PAGES = [
+    ("overview", "/?minutes=60", "Overview"),
+    ("investigate-anomaly", f"/investigate?anomaly={ANOMALY_ID}", "Investigate"),
+    ("investigate-endpoint", "/investigate?" + urllib.parse.urlencode(
+        {"endpoint": "orders GET /orders/{id}", "minutes": "60", "compare": "1d"}),
+     "Investigate"),
+    ("security", "/security?minutes=60", "Security review"),
+    ("policies", "/policies?minutes=60", "Policies"),
+    ("audit", "/audit", "Audit"),
+]
+
+
+def find_chromium() -> str | None:
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        found = shutil.which(name)
+        if found:
+            return found
+    return None
+
+
+def install_chromium() -> str | None:
+    """apt-get install chromium (root only); None when that is not possible here."""
+    if os.geteuid() != 0 or shutil.which("apt-get") is None:
+        return None
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    try:
+        subprocess.run(["apt-get", "update"], env=env, check=True, capture_output=True,
+                       timeout=300)
+        subprocess.run(["apt-get", "install", "-y", "chromium"], env=env, check=True,
+                       capture_output=True, timeout=600)
+    except (subprocess.SubprocessError, OSError):
+        return None
+    return find_chromium()
+
+
+@pytest.fixture(scope="module")
+def chromium() -> str:
+    found = find_chromium() or install_chromium()
+    if found is None:
+        pytest.skip("Chromium is not installed and cannot be installed here (needs root and "
+                    "apt-get with access to Debian's archive): apt-get install chromium")
+    return found
+
+
+@pytest.fixture
+def dashboard_url(redis_url: str, chdb_dsn: str, tmp_path: Path) -> Iterator[str]:
+    with served_api(redis_url, chdb_dsn, tmp_path, anomalies=security_anomalies) as api:
+        port = free_port()
+        args = apigw_command("dashboard", "--listen", f"127.0.0.1:{port}", "--api-url", api)
+        env = {"STREAMLIT_BROWSER_GATHER_USAGE_STATS": "false", "APIGW_API_TOKEN": ""}
+        with managed("dashboard", args, env, tmp_path) as process:
+            url = f"http://127.0.0.1:{port}"
+            process.wait_http(f"{url}/_stcore/health", timeout=60)
+            yield url
+
+
+class DevTools:
+    """The few Chrome DevTools Protocol calls the test needs, over the page's websocket."""
+
+    def __init__(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        self.ws = ws
+        self.next_id = 0
+
+    async def call(self, method: str, **params: Any) -> dict[str, Any]:
+        self.next_id += 1
+        await self.ws.send_json({"id": self.next_id, "method": method, "params": params})
+        while True:
+            message = await asyncio.wait_for(self.ws.receive_json(), 30)
+            if message.get("id") == self.next_id:
+                assert "error" not in message, message
+                result: dict[str, Any] = message["result"]
+                return result
+
+    async def evaluate(self, expression: str) -> Any:
+        answer = await self.call("Runtime.evaluate", expression=expression, returnByValue=True)
+        return answer["result"].get("value")
+
+
+# the page's h1 titles, and whether Streamlit still runs the script or shows skeletons
+_STATE = """JSON.stringify({
+  titles: [...document.querySelectorAll('h1')].map(e => e.innerText.trim()),
+  busy: !!document.querySelector('[data-testid="stStatusWidget"], [data-testid="stSkeleton"]')
+})"""
+
+
+async def render(devtools: DevTools, url: str, title: str) -> tuple[bytes, str, bool]:
+    """Navigate; wait until the page shows `title` with Streamlit idle; return a screenshot,
+    the DOM and whether it settled in time."""
+    await devtools.call("Page.navigate", url=url)
+    deadline = time.monotonic() + PAGE_TIMEOUT_S
+    settled = 0
+    while time.monotonic() < deadline and settled < 3:
+        await asyncio.sleep(0.3)
+        state = json.loads(await devtools.evaluate(_STATE) or "{}")
+        settled = settled + 1 if title in state.get("titles", []) and not state["busy"] else 0
+    await asyncio.sleep(1.0)  # let the charts draw
+    shot = await devtools.call("Page.captureScreenshot", format="png")
+    dom = await devtools.evaluate("document.documentElement.outerHTML")
+    return base64.b64decode(shot["data"]), str(dom), settled >= 3
+
+
+@contextlib.asynccontextmanager
+async def browser(chromium: str, profile: Path) -> AsyncIterator[DevTools]:
+    """Headless Chromium with a DevTools port; yields its page, stops it afterwards."""
+    port = free_port()
+    args = [chromium, *FLAGS, f"--user-data-dir={profile}", f"--remote-debugging-port={port}",
+            "--remote-debugging-address=127.0.0.1", "about:blank"]
+    process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        async with aiohttp.ClientSession() as session:
+            page = await _page_target(session, port, process)
+            async with session.ws_connect(page, max_msg_size=0) as ws:
+                devtools = DevTools(ws)
+                await devtools.call("Page.enable")
+                yield devtools
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+async def _page_target(session: aiohttp.ClientSession, port: int,
+                       process: subprocess.Popen[bytes]) -> str:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        assert process.poll() is None, f"chromium exited with {process.returncode}"
+        with contextlib.suppress(aiohttp.ClientError):
+            async with session.get(f"http://127.0.0.1:{port}/json/list") as response:
+                pages = [t for t in await response.json() if t["type"] == "page"]
+                if pages:
+                    return str(pages[0]["webSocketDebuggerUrl"])
+        await asyncio.sleep(0.2)
+    raise TimeoutError("chromium's DevTools endpoint did not come up")
+
+
+async def test_every_page_renders_in_chromium(chromium: str, dashboard_url: str,
+                                              tmp_path: Path) -> None:
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    async with browser(chromium, tmp_path / "profile") as devtools:
+        for name, path, title in PAGES:
+            shot_path = SCREENSHOTS / f"{name}.png"
+            shot_path.unlink(missing_ok=True)
+            shot, dom, settled = await render(devtools, dashboard_url + path, title)
+            shot_path.write_bytes(shot)
+            assert "stException" not in dom, (name, dom[-3000:])
+            assert "Traceback" not in dom, name
+            assert settled, f"{name}: no {title!r} title with Streamlit idle in time"
+            assert shot.startswith(b"\x89PNG"), name
+            assert len(shot) > 20_000, (name, len(shot))
