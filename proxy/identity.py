@@ -1,9 +1,12 @@
-"""Who is calling: the client address, the (unverified) client id and rate-limit keys.
+"""Who is calling: the client address, the client id, the principal and rate-limit keys.
 
 The client address is the TCP peer, unless the peer is a trusted proxy
 (`identity.trusted_proxies`): then X-Forwarded-For is walked from the right and the first
-address that is not a trusted proxy is the client. The client id is the value of
-`identity.client_id_header` when it is 1-128 characters of [A-Za-z0-9._:@/+=-], else "".
+address that is not a trusted proxy is the client. Before authentication the client id is
+the value of `identity.client_id_header` when it is 1-128 characters of
+[A-Za-z0-9._:@/+=-], else "" (an unverified claim). Once the authn step verified a
+credential, `Caller.authenticate(principal)` replaces it, and the tenant, with the
+principal's - so every later step (authz, rate limit, cache) keys on verified facts.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import TYPE_CHECKING, Final
 
@@ -82,10 +86,24 @@ def client_id(value: str | None) -> str:
     return value
 
 
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """A verified caller: what an authentication method proved about the request."""
+
+    client_id: str
+    method: str  # "jwt" | "api_key"
+    tenant: str = ""
+    plan: str = ""
+    scopes: frozenset[str] = field(default_factory=frozenset)
+    api_key_id: str = ""
+    issuer: str = ""
+    expires_at: float | None = None  # epoch seconds (JWT exp)
+
+
 class Caller:
     """The identity facts of one request, and the rate-limit key for any key_by spec."""
 
-    __slots__ = ("address", "client_id", "headers", "tenant")
+    __slots__ = ("address", "client_id", "headers", "principal", "tenant")
 
     def __init__(self, address: str, client_id: str, tenant: str,
                  headers: Mapping[str, str]) -> None:
@@ -93,6 +111,21 @@ class Caller:
         self.client_id = client_id
         self.tenant = tenant
         self.headers = headers
+        self.principal: Principal | None = None
+
+    def authenticate(self, principal: Principal) -> None:
+        """From now on the verified principal is who is calling."""
+        self.principal = principal
+        self.client_id = principal.client_id
+        self.tenant = principal.tenant
+
+    @property
+    def plan(self) -> str:
+        return self.principal.plan if self.principal is not None else ""
+
+    @property
+    def scopes(self) -> frozenset[str]:
+        return self.principal.scopes if self.principal is not None else frozenset()
 
     def key_of(self, key_by: str) -> str:
         """The budget key: "client_id", "ip", "tenant", "api_key", "header:X", '+'-joined."""
@@ -110,7 +143,8 @@ class Caller:
             return self.tenant
         if part.startswith("header:"):
             return (self.headers.get(part[7:]) or "")[:MAX_KEY_PART]
-        return ""  # api_key: no API-key authentication yet
+        principal = self.principal  # api_key: the verified key's id
+        return principal.api_key_id if principal is not None else ""
 
 
 @lru_cache(maxsize=1024)
@@ -129,7 +163,6 @@ class IdentityResolver:
         forwarded = headers.getall("X-Forwarded-For", None) if self.trusted else None
         address = client_address(peer, ",".join(forwarded) if forwarded else None, self.trusted)
         return Caller(address, client_id(headers.get(self.client_id_header)), tenant, headers)
-
 
 
 class IdentityStep:

@@ -11,12 +11,13 @@ from __future__ import annotations
 import re
 import time
 from enum import StrEnum
-from typing import Annotated, Final
+from typing import Annotated, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 ANY: Final = "*"
 _KEY_PART = re.compile(r"^(client_id|api_key|ip|tenant|header:[A-Za-z0-9-]{1,64})$")
+_PERIOD_SECONDS: Final = {"day": 86_400, "month": 86_400 * 31}
 _POLICY_ID = re.compile(r"^[A-Za-z0-9._:@/-]{1,200}$")
 
 
@@ -34,6 +35,14 @@ class Source(StrEnum):
 
 class Algorithm(StrEnum):
     GCRA = "gcra"  # token bucket semantics: `limit` per `window_s`, bursts up to `burst`
+    SLIDING_WINDOW = "sliding_window"  # weighted count of this and the previous window
+
+
+class QuotaPeriod(StrEnum):
+    """Calendar periods (UTC) of a quota: `limit` requests per period, reset at its start."""
+
+    DAY = "day"
+    MONTH = "month"
 
 
 class Policy(BaseModel):
@@ -51,11 +60,20 @@ class Policy(BaseModel):
                                   description="When set, applies only to this one key value "
                                               "(a targeted limit for one client).")
     tenant: str | None = Field(default=None, description="When set, applies only to this tenant.")
+    plan: str | None = Field(default=None,
+                             description="When set, applies only to principals of this plan.")
     algorithm: Algorithm = Algorithm.GCRA
     limit: int = Field(gt=0, le=10_000_000, description="Requests allowed per window.")
     window_s: float = Field(gt=0, le=86_400 * 31, description="Window length in seconds.")
     burst: int | None = Field(default=None, gt=0, le=10_000_000,
                               description="Largest burst; defaults to `limit`.")
+    quota_period: QuotaPeriod | None = Field(
+        default=None, description="When set, this is a quota: `limit` per calendar period "
+                                  "(UTC day or month), checked besides the rate limit; "
+                                  "`window_s`, `burst` and `algorithm` are then ignored.")
+    fail_mode: Literal["open", "closed"] | None = Field(
+        default=None, description="Redis unreachable: open = local limiter, closed = 503; "
+                                  "None = the gateway's ratelimit.fail_mode.")
     mode: Mode = Mode.ENFORCE
     source: Source = Source.CONFIG
     version: int = Field(default=1, ge=1)
@@ -86,6 +104,14 @@ class Policy(BaseModel):
                              "or header:<Name>, joined by '+'")
         return value
 
+    @model_validator(mode="before")
+    @classmethod
+    def _quota_window(cls, data: object) -> object:
+        if isinstance(data, dict) and data.get("quota_period") and "window_s" not in data:
+            period = str(data["quota_period"])
+            return {**data, "window_s": _PERIOD_SECONDS.get(period, 86_400)}
+        return data
+
     @model_validator(mode="after")
     def _burst_default(self) -> Policy:
         if self.burst is None:
@@ -98,13 +124,19 @@ class Policy(BaseModel):
     @property
     def specificity(self) -> int:
         """Higher wins when several policies match a request."""
-        return ((self.match_key is not None) * 8 + (self.route_id != ANY) * 4
-                + (self.method != ANY) * 2 + (self.tenant is not None) * 1)
+        return ((self.match_key is not None) * 16 + (self.route_id != ANY) * 8
+                + (self.method != ANY) * 4 + (self.tenant is not None) * 2
+                + (self.plan is not None) * 1)
 
-    def applies_to(self, route_id: str, method: str, tenant: str) -> bool:
+    @property
+    def is_quota(self) -> bool:
+        return self.quota_period is not None
+
+    def applies_to(self, route_id: str, method: str, tenant: str, plan: str = "") -> bool:
         return ((self.route_id == ANY or self.route_id == route_id)
                 and (self.method == ANY or self.method == method)
-                and (self.tenant is None or self.tenant == tenant))
+                and (self.tenant is None or self.tenant == tenant)
+                and (self.plan is None or self.plan == plan))
 
     def to_json(self) -> str:
         return self.model_dump_json()
@@ -138,3 +170,25 @@ class RedisKeys:
 
     def ratelimit(self, policy_id: str, version: int, key: str) -> str:
         return f"{self.prefix}:rl:{{{policy_id}:{key}}}:{version}"
+
+    def quota(self, policy_id: str, version: int, key: str, period: str) -> str:
+        """Counter of one key for one quota period (e.g. 2025-06-01 or 2025-06)."""
+        return f"{self.prefix}:quota:{{{policy_id}:{key}}}:{version}:{period}"
+
+    @property
+    def api_keys(self) -> str:
+        """Hash: API-key digest -> ApiKeyRecord JSON (never the key itself)."""
+        return f"{self.prefix}:apikeys"
+
+    @property
+    def api_key_ids(self) -> str:
+        """Hash: API-key id -> its digest (to revoke by id)."""
+        return f"{self.prefix}:apikeys:ids"
+
+    @property
+    def api_keys_version(self) -> str:
+        return f"{self.prefix}:apikeys:version"
+
+    @property
+    def api_keys_channel(self) -> str:
+        return f"{self.prefix}:apikeys:changed"

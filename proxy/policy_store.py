@@ -458,7 +458,7 @@ class PolicyCache:
         self.loaded_from = "baseline"  # or "redis"
         self._chains: dict[str, list[Policy]] = {p.id: [p] for p in baseline}
         self._effective: list[Policy] = []
-        self._index: dict[tuple[str, str, str], tuple[Policy, ...]] = {}
+        self._index: dict[tuple[str, str, str, str, bool], tuple[Policy, ...]] = {}
         self._next_expiry = float("inf")
         self._wake = asyncio.Event()
         self._stopping = False
@@ -491,15 +491,19 @@ class PolicyCache:
         self._tasks = []
 
     def select(self, route_id: str, method: str, tenant: str,
-               key_of: Callable[[str], str]) -> Selected | None:
-        """The most specific applicable policy and the rate-limit key it computes, or None."""
+               key_of: Callable[[str], str], plan: str = "",
+               quota: bool = False) -> Selected | None:
+        """The most specific applicable policy and the rate-limit key it computes, or None.
+
+        Rate-limit policies and quotas (`quota_period` set) are selected separately: with
+        `quota=True` only quotas are candidates, else only rate-limit policies."""
         try:
             if time.time() >= self._next_expiry:
                 self._rebuild(time.time())
-            combo = (route_id, method, tenant)
+            combo = (route_id, method, tenant, plan, quota)
             candidates = self._index.get(combo)
             if candidates is None:
-                candidates = self._candidates(route_id, method, tenant)
+                candidates = self._candidates(route_id, method, tenant, plan, quota)
                 if len(self._index) >= _INDEX_MAX:
                     self._index = {}
                 self._index[combo] = candidates
@@ -515,8 +519,10 @@ class PolicyCache:
 
     # -- internals -----------------------------------------------------------------------
 
-    def _candidates(self, route_id: str, method: str, tenant: str) -> tuple[Policy, ...]:
-        matching = [p for p in self._effective if p.applies_to(route_id, method, tenant)]
+    def _candidates(self, route_id: str, method: str, tenant: str, plan: str,
+                    quota: bool) -> tuple[Policy, ...]:
+        matching = [p for p in self._effective
+                    if p.is_quota is quota and p.applies_to(route_id, method, tenant, plan)]
         matching.sort(key=lambda p: (-p.specificity, p.id))
         return tuple(matching)
 

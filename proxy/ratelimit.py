@@ -1,10 +1,16 @@
-"""Rate limiting: GCRA in Redis (atomic script, one key per check), in-process, and failover.
+"""Rate limiting: GCRA, sliding window and quotas in Redis (atomic scripts, one key per
+check), the same in process, hybrid reservations, and failover.
 
-Semantics (both backends, see docs/policies.md): emission interval T = window_s / limit.
+GCRA semantics (both backends, see docs/policies.md): emission interval T = window_s / limit.
 A fresh key may send `burst` requests at once; after that one request per T is allowed, so
 the sustained rate is `limit` per `window_s`. Over any interval of length d a key gets at most
 burst + floor(d / T) requests. A denied request is told exactly when it would be allowed
 (retry_after) and when the key is back to a full burst (reset_after).
+
+Sliding window counter: allowed while previous * (1 - elapsed / window) + current + cost
+<= limit, where current/previous are the counts of the fixed window containing now and of
+the one before. Quotas (policy.quota_period): a plain counter per calendar period (UTC day or
+month), the period label being part of the key.
 """
 
 from __future__ import annotations
@@ -16,18 +22,24 @@ import math
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Final, Literal, Protocol
+from typing import Any, Final, Literal, Protocol, TypeVar
 
 import redis.asyncio as aioredis
 from prometheus_client import Counter, Gauge
 
-from proxy.policy import Policy, RedisKeys
+from proxy.policy import Algorithm, Policy, QuotaPeriod, RedisKeys
 
 log = logging.getLogger(__name__)
 
 GCRA_SCRIPT: Final = (Path(__file__).with_name("ratelimit_gcra.lua")).read_text(encoding="utf-8")
+SLIDING_SCRIPT: Final = (Path(__file__).with_name("ratelimit_sliding.lua")
+                         ).read_text(encoding="utf-8")
+QUOTA_SCRIPT: Final = (Path(__file__).with_name("ratelimit_quota.lua")).read_text(encoding="utf-8")
 _KEY_MAX: Final = 128  # longer client keys are hashed so state keys stay small
+_QUOTA_GRACE_S: Final = 3600  # counters outlive their period by this much (clock skew)
+_V = TypeVar("_V")
 
 BACKEND_ERRORS = Counter("apigw_ratelimit_backend_errors_total",
                          "Rate-limit checks whose Redis call failed or timed out")
@@ -74,22 +86,71 @@ def _burst(policy: Policy) -> int:
     return policy.burst if policy.burst is not None else policy.limit
 
 
+class QuotaPeriods:
+    """The current calendar period (UTC) of a quota: its label and end, memoised."""
+
+    def __init__(self) -> None:
+        self._memo: dict[QuotaPeriod, tuple[float, float, str]] = {}
+
+    def current(self, period: QuotaPeriod, now: float) -> tuple[str, float]:
+        """(label, end as epoch seconds) of the period containing `now`."""
+        memo = self._memo.get(period)
+        if memo is not None and memo[0] <= now < memo[1]:
+            return memo[2], memo[1]
+        moment = datetime.fromtimestamp(now, UTC)
+        if period is QuotaPeriod.DAY:
+            start = datetime(moment.year, moment.month, moment.day, tzinfo=UTC)
+            end = start + timedelta(days=1)
+            label = start.strftime("%Y-%m-%d")
+        else:
+            start = datetime(moment.year, moment.month, 1, tzinfo=UTC)
+            end = (start + timedelta(days=32)).replace(day=1)
+            label = start.strftime("%Y-%m")
+        self._memo[period] = (start.timestamp(), end.timestamp(), label)
+        return label, end.timestamp()
+
+
 class RedisRateLimiter:
-    """GCRA as one Lua script on one key; the clock is the Redis server's (TIME)."""
+    """GCRA, sliding window and quota as Lua scripts on one key each; the clock of GCRA and
+    sliding window is the Redis server's (TIME), quota periods follow the proxy's clock."""
 
     def __init__(self, redis: aioredis.Redis, keys: RedisKeys) -> None:
         self._keys = keys
         self._script = redis.register_script(GCRA_SCRIPT)  # EVALSHA, reloads on NOSCRIPT
+        self._sliding = redis.register_script(SLIDING_SCRIPT)
+        self._quota = redis.register_script(QUOTA_SCRIPT)
+        self._periods = QuotaPeriods()
 
     async def check(self, policy: Policy, key: str, cost: int = 1) -> Decision:
-        interval_us = policy.window_s * 1_000_000 / policy.limit
+        if policy.quota_period is not None:
+            return await self._check_quota(policy, policy.quota_period, key, cost)
         redis_key = self._keys.ratelimit(policy.id, policy.version, state_key(key))
-        reply: Any = await self._script(keys=[redis_key],
-                                        args=[repr(interval_us), _burst(policy), cost])
+        reply: Any
+        if policy.algorithm is Algorithm.SLIDING_WINDOW:
+            reply = await self._sliding(keys=[redis_key], args=[
+                round(policy.window_s * 1_000_000), policy.limit, cost])
+        else:
+            interval_us = policy.window_s * 1_000_000 / policy.limit
+            reply = await self._script(keys=[redis_key],
+                                       args=[repr(interval_us), _burst(policy), cost])
         allowed, remaining, retry_us, reset_us = (int(value) for value in reply)
         decision = Decision(allowed=allowed == 1, limit=policy.limit, remaining=remaining,
                             retry_after_s=retry_us / 1e6, reset_after_s=reset_us / 1e6,
                             backend="redis")
+        _CHECK_COUNTERS["redis", decision.allowed].inc()
+        return decision
+
+    async def _check_quota(self, policy: Policy, period: QuotaPeriod, key: str,
+                           cost: int) -> Decision:
+        now = time.time()
+        label, end = self._periods.current(period, now)
+        redis_key = self._keys.quota(policy.id, policy.version, state_key(key), label)
+        expire_at_ms = int((end + _QUOTA_GRACE_S) * 1000)
+        reply: Any = await self._quota(keys=[redis_key], args=[policy.limit, cost, expire_at_ms])
+        allowed, remaining = (int(value) for value in reply)
+        left = max(0.0, end - now)
+        decision = Decision(allowed == 1, policy.limit, remaining,
+                            0.0 if allowed == 1 else left, left, "redis")
         _CHECK_COUNTERS["redis", decision.allowed].inc()
         return decision
 
@@ -108,9 +169,19 @@ class LocalRateLimiter:
         self.divisor = divisor
         self.max_keys = max_keys
         self._state: OrderedDict[tuple[str, int, str], tuple[float, int]] = OrderedDict()
+        self._windows: OrderedDict[tuple[str, int, str], tuple[int, int, int]] = OrderedDict()
+        self._quotas: OrderedDict[tuple[str, int, str], tuple[str, int]] = OrderedDict()
+        self._periods = QuotaPeriods()
 
     def __len__(self) -> int:
-        return len(self._state)
+        return len(self._state) + len(self._windows) + len(self._quotas)
+
+    def _keep(self, table: OrderedDict[tuple[str, int, str], _V], slot: tuple[str, int, str],
+              value: _V) -> None:
+        table[slot] = value
+        table.move_to_end(slot)
+        while len(table) > self.max_keys:
+            table.popitem(last=False)
 
     def limits(self, policy: Policy) -> tuple[int, int, float]:
         """(limit, burst, interval_s) this limiter applies for `policy`."""
@@ -123,6 +194,11 @@ class LocalRateLimiter:
 
     def check_now(self, policy: Policy, key: str, cost: int = 1,
                   now: float | None = None) -> Decision:
+        """One check; `now` is monotonic seconds (epoch seconds for quotas)."""
+        if policy.quota_period is not None:
+            return self._check_quota(policy, policy.quota_period, key, cost, now)
+        if policy.algorithm is Algorithm.SLIDING_WINDOW:
+            return self._check_window(policy, key, cost, now)
         limit, burst, interval = self.limits(policy)
         at = time.monotonic() if now is None else now
         slot = (policy.id, policy.version, state_key(key))
@@ -133,16 +209,64 @@ class LocalRateLimiter:
         capacity = burst * interval
         after = ahead + cost * interval
         if after <= capacity:
-            self._state[slot] = (base, count + cost)
-            self._state.move_to_end(slot)
-            while len(self._state) > self.max_keys:
-                self._state.popitem(last=False)
+            self._keep(self._state, slot, (base, count + cost))
             decision = Decision(True, limit, math.floor((capacity - after) / interval + 1e-9),
                                 0.0, after, "local")
         else:
             decision = Decision(False, limit,
                                 max(0, math.floor((capacity - ahead) / interval + 1e-9)),
                                 after - capacity, ahead, "local")
+        _CHECK_COUNTERS["local", decision.allowed].inc()
+        return decision
+
+    def _check_window(self, policy: Policy, key: str, cost: int, now: float | None) -> Decision:
+        limit = max(1, policy.limit // self.divisor)
+        window = policy.window_s
+        at = time.monotonic() if now is None else now
+        index = math.floor(at / window)
+        elapsed = at - index * window
+        slot = (policy.id, policy.version, state_key(key))
+        current, previous = 0, 0
+        stored = self._windows.get(slot)
+        if stored is not None:
+            if stored[0] == index:
+                current, previous = stored[1], stored[2]
+            elif stored[0] == index - 1:
+                previous = stored[1]
+        estimate = previous * (window - elapsed) / window + current
+        if estimate + cost <= limit:
+            self._keep(self._windows, slot, (index, current + cost, previous))
+            decision = Decision(True, limit, math.floor(limit - estimate - cost + 1e-9), 0.0,
+                                2 * window - elapsed, "local")
+        else:
+            room = limit - current - cost
+            if room >= 0 and previous > 0:
+                retry = window * (1 - room / previous) - elapsed
+            elif cost <= limit and current > 0:
+                retry = (window - elapsed) + max(0.0, window * (1 - (limit - cost) / current))
+            else:
+                retry = window - elapsed
+            reset = (window - elapsed) + (window if current > 0 else 0.0)
+            decision = Decision(False, limit, max(0, math.floor(limit - estimate + 1e-9)),
+                                max(retry, 1e-6), reset, "local")
+        _CHECK_COUNTERS["local", decision.allowed].inc()
+        return decision
+
+    def _check_quota(self, policy: Policy, period: QuotaPeriod, key: str, cost: int,
+                     now: float | None) -> Decision:
+        limit = max(1, policy.limit // self.divisor)
+        at = time.time() if now is None else now
+        label, end = self._periods.current(period, at)
+        slot = (policy.id, policy.version, state_key(key))
+        stored = self._quotas.get(slot)
+        used = stored[1] if stored is not None and stored[0] == label else 0
+        left = max(0.0, end - at)
+        if used + cost <= limit:
+            used += cost
+            self._keep(self._quotas, slot, (label, used))
+            decision = Decision(True, limit, limit - used, 0.0, left, "local")
+        else:
+            decision = Decision(False, limit, max(0, limit - used), left, left, "local")
         _CHECK_COUNTERS["local", decision.allowed].inc()
         return decision
 
@@ -187,6 +311,8 @@ class HybridRateLimiter:
         return max(1, min(self.batch, _burst(policy) // 4))
 
     async def check(self, policy: Policy, key: str, cost: int = 1) -> Decision:
+        if policy.quota_period is not None:  # reserved quota would be lost for the period
+            return await self._redis.check(policy, key, cost)
         slot = (policy.id, policy.version, state_key(key))
         while True:  # each pass either finds tokens, a denial, or starts a reservation
             local = self._local(slot, policy, cost)
@@ -251,7 +377,8 @@ class HybridRateLimiter:
 
 class FailoverRateLimiter:
     """Redis first; on an error or timeout, the local limiter (open) or RateLimitUnavailable
-    (closed). After a failure Redis is not tried again for a backoff (1 s doubling to 10 s),
+    (closed) - the policy's own `fail_mode` when set, else this limiter's. After a failure
+    Redis is not tried again for a backoff (1 s doubling to 10 s),
     then one probe decides; a success ends the degraded state."""
 
     def __init__(self, redis_limiter: RateLimiter, local_limiter: LocalRateLimiter,
@@ -285,7 +412,7 @@ class FailoverRateLimiter:
         return decision
 
     def _fallback(self, policy: Policy, key: str, cost: int) -> Decision:
-        if self.fail_mode == "closed":
+        if (policy.fail_mode or self.fail_mode) == "closed":
             raise RateLimitUnavailable(f"rate-limit backend unavailable: {self.last_error}")
         return self._local.check_now(policy, key, cost)
 
