@@ -4,7 +4,9 @@ The chain is an explicit ordered list of steps; each concern is one module with 
 hooks (Kong's phases):
 
     STEPS = observe (proxy/metrics.py) -> identity (proxy/identity.py)
-            -> route (proxy/routing.py) -> rate limit (RateLimitStep below)
+            -> cors preflight (proxy/authz.py) -> route (proxy/routing.py)
+            -> ip access (proxy/authz.py) -> authn (proxy/auth/step.py)
+            -> scopes (proxy/authz.py) -> rate limit (proxy/ratelimit_step.py)
             -> forward (proxy/forward.py, the terminal step)
 
 `access(ex)` runs in that order; a step that returns a response ends the request there (404,
@@ -19,8 +21,8 @@ exactly one RequestEvent, emitted in a `finally` without waiting on Redis.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
-import math
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, Final, Protocol, cast
@@ -28,27 +30,45 @@ from urllib.parse import unquote_plus
 
 import redis.asyncio as aioredis
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_request import BaseRequest
 
+from proxy.auth.apikeys import ApiKeyVerifier
+from proxy.auth.jwt import JwtVerifier
+from proxy.auth.step import AuthnStep
+from proxy.authz import CorsStep, IpAccessStep, ScopeStep
 from proxy.config import GatewayConfig, config_version
 from proxy.emitter import EventEmitter
 from proxy.event import RequestEvent
 from proxy.forward import ClientGone, Forwarder, UpstreamClient, request_id_from, trace_context
 from proxy.identity import Caller, IdentityResolver, IdentityStep
 from proxy.metrics import CONFIG_INFO, ObserveStep
-from proxy.policy import Mode, RedisKeys
+from proxy.policy import RedisKeys
 from proxy.policy_store import PolicyCache, PolicyStore
 from proxy.problem import problem_response
-from proxy.ratelimit import (
-    FailoverRateLimiter,
-    LocalRateLimiter,
-    RateLimitUnavailable,
-    RedisRateLimiter,
-)
+from proxy.ratelimit_step import RateLimitStep, build_limiter
 from proxy.routing import MAX_PATH, CompiledRoute, Router, RouteStep
 from proxy.settings import ProxySettings
 
 log = logging.getLogger(__name__)
+wire_log = logging.getLogger("proxy.wire")  # the HTTP server's own messages
+
+
+def _quiet_malformed(record: logging.LogRecord) -> bool:
+    """aiohttp logs every malformed request as an error with a traceback quoting the bad
+    bytes (a log flood anyone can cause, and the bytes may hold credentials): keep a
+    debug line with the status and the problem class only."""
+    exc = record.exc_info[1] if record.exc_info else None
+    if not isinstance(exc, HttpProcessingError):
+        return True
+    record.msg, record.args = "malformed request rejected", ()
+    record.exc_info, record.exc_text = None, None
+    record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+    record.status, record.problem = exc.code, type(exc).__name__
+    return wire_log.isEnabledFor(logging.DEBUG)
+
+
+wire_log.addFilter(_quiet_malformed)
 
 MAX_QUERY: Final = 2048
 MAX_HEADER_FIELD: Final = 512
@@ -105,78 +125,6 @@ def redact_query(query: str, names: frozenset[str]) -> str:
     return redacted[:MAX_QUERY]
 
 
-def ratelimit_headers(policy_id: str, limit: int, window_s: float, remaining: int,
-                      reset_s: float) -> dict[str, str]:
-    """draft-ietf-httpapi-ratelimit-headers-10 fields for one policy."""
-    return {"RateLimit-Policy": f'"{policy_id}";q={limit};w={max(1, math.ceil(window_s))}',
-            "RateLimit": f'"{policy_id}";r={max(0, remaining)};t={max(0, math.ceil(reset_s))}'}
-
-
-class RateLimitStep:
-    """Chain step: the most specific policy for (route, method, tenant, key) decides.
-
-    enforce + over limit -> 429 with Retry-After and RateLimit headers; shadow + over limit
-    -> forwarded, recorded as shadow_limited; Redis down -> the limiter's fail mode (open:
-    local limiter; closed: 503). An unexpected limiter error lets the request through.
-    """
-
-    def __init__(self, policies: PolicyCache, limiter: FailoverRateLimiter) -> None:
-        self.policies = policies
-        self.limiter = limiter
-        self._last_error_log = 0.0
-
-    async def access(self, ex: Exchange) -> web.StreamResponse | None:
-        route, caller, event = ex.route, ex.caller, ex.event
-        assert route is not None
-        assert caller is not None
-        selected = self.policies.select(route.id, event.http_request_method, caller.tenant,
-                                        caller.key_of)
-        if selected is None:
-            return None
-        policy, key = selected
-        if policy.mode is Mode.OFF:
-            return None
-        event.ratelimit_policy_id = policy.id
-        event.ratelimit_mode = policy.mode.value
-        try:
-            decision = await self.limiter.check(policy, key)
-        except RateLimitUnavailable:
-            event.ratelimit_outcome = "error"
-            event.error_type = "ratelimit_unavailable"
-            return problem_response("rate-limit-unavailable",
-                                    "rate limiting is unavailable and fails closed",
-                                    ex.request_id,
-                                    headers={**ex.response_headers, "Retry-After": "1"})
-        except Exception as exc:  # a limiter bug must not take traffic down: fail open
-            event.ratelimit_outcome = "error"
-            now = time.monotonic()
-            if now - self._last_error_log > 10.0:
-                self._last_error_log = now
-                log.warning("rate-limit check failed; request allowed",
-                            extra={"policy_id": policy.id, "error": repr(exc)[:200]})
-            return None
-        if decision.allowed:
-            event.ratelimit_outcome = "allowed"
-        elif policy.mode is Mode.SHADOW:
-            event.ratelimit_outcome = "shadow_limited"
-            return None
-        else:
-            event.ratelimit_outcome = "limited"
-        if policy.mode is not Mode.ENFORCE:
-            return None
-        headers = ratelimit_headers(policy.id, decision.limit, policy.window_s,
-                                    decision.remaining, decision.reset_after_s)
-        ex.response_headers.update(headers)
-        if decision.allowed:
-            return None
-        retry_after = max(1, math.ceil(decision.retry_after_s))
-        return problem_response(
-            "rate-limited", f"limit of {policy.limit} requests per {policy.window_s:g}s "
-            f"exceeded; retry after {retry_after}s", ex.request_id,
-            headers={**ex.response_headers, "Retry-After": str(retry_after)},
-            extra={"policy": policy.id})
-
-
 class Gateway:
     """One worker's gateway: config compiled, clients and background tasks, the handler."""
 
@@ -195,10 +143,12 @@ class Gateway:
         self.store = PolicyStore(redis, keys)
         self.policies = PolicyCache(self.store, config.ratelimit.policies,
                                     config.ratelimit.policy_refresh_s)
-        self.limiter = FailoverRateLimiter(
-            RedisRateLimiter(redis, keys),
-            LocalRateLimiter(divisor=config.ratelimit.expected_replicas * settings.workers),
-            fail_mode=config.ratelimit.fail_mode, timeout_s=settings.redis_timeout_s)
+        self.limiter = build_limiter(config.ratelimit, redis, keys, workers=settings.workers,
+                                     timeout_s=settings.redis_timeout_s)
+        auth = config.auth
+        self.authn = AuthnStep(auth, JwtVerifier(auth.jwt, max_token_bytes=auth.max_token_bytes,
+                                                 cache_size=auth.token_cache_size),
+                               ApiKeyVerifier(auth.api_keys, redis, keys))
         events = config.events
         self.emitter: EventEmitter | None = None
         if events.enabled:
@@ -209,7 +159,9 @@ class Gateway:
                                         stream_maxlen=events.stream_maxlen)
         self._emit: Callable[[RequestEvent], None] = (
             self.emitter.emit if self.emitter is not None else _discard)
-        self._redact = frozenset(name.lower() for name in events.redact_query_params)
+        key_param = config.auth.api_keys.query_param
+        self._redact = frozenset(name.lower() for name in
+                                 [*events.redact_query_params, *([key_param] if key_param else [])])
         self.steps: list[object] = self._steps()
         self._access = tuple(cast(AccessHook, step) for step in self.steps
                              if hasattr(step, "access"))
@@ -223,8 +175,13 @@ class Gateway:
         return [
             ObserveStep(),
             IdentityStep(self.identity),
+            CorsStep(self.router),
             RouteStep(self.router),
-            RateLimitStep(self.policies, self.limiter),
+            IpAccessStep(self.config.access),
+            self.authn,
+            ScopeStep(self.config.auth.realm),
+            RateLimitStep(self.policies, self.limiter,
+                          legacy_headers=self.config.ratelimit.legacy_headers),
             self.forwarder,
         ]
 
@@ -233,17 +190,19 @@ class Gateway:
     async def start(self) -> None:
         await self.forwarder.start()
         await self.policies.start()
+        await self.authn.start()
         if self.emitter is not None:
             await self.emitter.start()
         CONFIG_INFO.labels(self.version).set(1)
         self._server = web.Server(self.handle, access_log=None, auto_decompress=False,
-                                  keepalive_timeout=75.0)
+                                  keepalive_timeout=75.0, logger=wire_log)
         self.started = True
 
     async def stop(self, timeout_s: float = 5.0) -> None:
         """Release upstream pools and background tasks, then flush the events."""
         self.stopping = True
         await self.policies.stop()
+        await self.authn.stop()
         await self.forwarder.close()
         if self.emitter is not None:
             await self.emitter.stop(timeout_s=timeout_s)
@@ -353,6 +312,17 @@ class Gateway:
 
 def _discard(event: RequestEvent) -> None:
     return None
+
+
+def tune_gc(young_threshold: int = 7000) -> None:
+    """For a serving worker, once started: move the startup heap (modules, config, compiled
+    routes) out of the collector's reach with gc.freeze(), and collect the young generation
+    less often. Without it the cyclic GC took ~10% of a loaded worker's CPU (bench/README.md).
+    """
+    gc.collect()
+    gc.freeze()
+    _, middle, old = gc.get_threshold()
+    gc.set_threshold(young_threshold, middle, old)
 
 
 def describe_steps(steps: Sequence[object]) -> list[str]:

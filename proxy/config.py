@@ -17,7 +17,12 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from proxy.auth.config import Access, Auth, Cors, RouteAuth, RouteAuthz, check_references
+from proxy.balancing import Balancing, Target
+from proxy.health import HealthCheck, OutlierDetection
+from proxy.limits import RouteLimits
 from proxy.policy import Mode, Policy
+from proxy.resilience import CircuitBreakerConfig, Retry, RouteTimeouts
 
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _ROUTE_ID = re.compile(r"^[A-Za-z0-9._-]{1,100}$")
@@ -35,16 +40,34 @@ class Timeouts(_Strict):
 
 
 class Upstream(_Strict):
-    url: Annotated[str, Field(description="Base URL, e.g. http://127.0.0.1:9001")]
+    url: Annotated[str | None, Field(description="Base URL, e.g. http://127.0.0.1:9001 "
+                                                  "(or `targets` for a pool)")] = None
+    targets: list[Target] = Field(default_factory=list, description="A pool of instances.")
+    balancing: Balancing = Field(default_factory=Balancing)
     timeouts: Timeouts = Field(default_factory=Timeouts)
     max_connections: int = Field(default=256, gt=0, le=100_000)
+    max_connections_per_target: int = Field(default=0, ge=0, le=100_000,
+                                            description="0: only max_connections applies.")
+    keepalive_s: float = Field(default=60.0, gt=0, le=3600)
+    health_check: HealthCheck | None = None
+    outlier_detection: OutlierDetection | None = None
+    circuit_breaker: CircuitBreakerConfig | None = None
 
     @field_validator("url")
     @classmethod
-    def _http_url(cls, value: str) -> str:
-        if not re.match(r"^https?://[^/\s]+(/[^\s]*)?$", value):
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^https?://[^/\s]+(/[^\s]*)?$", value):
             raise ValueError("must be an http:// or https:// URL with a host")
-        return value.rstrip("/")
+        return value.rstrip("/") if value is not None else None
+
+    @model_validator(mode="after")
+    def _url_or_targets(self) -> Upstream:
+        if (self.url is None) == (not self.targets):
+            raise ValueError("set exactly one of `url` or `targets`")
+        return self
+
+    def target_list(self) -> list[Target]:
+        return [Target(url=self.url)] if self.url is not None else list(self.targets)
 
 
 class RouteMatch(_Strict):
@@ -69,6 +92,16 @@ class Route(_Strict):
                                                         "DELETE", "OPTIONS"])
     upstream: str
     strip_prefix: bool = False
+    timeouts: RouteTimeouts | None = Field(default=None,
+                                           description="Overrides the upstream's timeouts.")
+    retry: Retry | None = None
+    max_in_flight: int | None = Field(default=None, gt=0, le=1_000_000,
+                                      description="Beyond this, 503 with Retry-After.")
+    limits: RouteLimits | None = None
+    auth: RouteAuth | None = Field(default=None, description="Credentials accepted; None = "
+                                                             "no authentication.")
+    authz: RouteAuthz | None = Field(default=None, description="Scopes and IP lists.")
+    cors: Cors | None = Field(default=None, description="CORS; preflights answered here.")
 
     @field_validator("id")
     @classmethod
@@ -126,6 +159,13 @@ class RateLimit(_Strict):
                                     description="Safety-net poll of the policy version.")
     policies: list[Policy] = Field(default_factory=list,
                                    description="Baseline policies seeded into Redis at start.")
+    backend: Literal["redis", "local", "hybrid"] = Field(
+        default="redis", description="redis: one atomic script per check; hybrid: tokens "
+                                     "reserved from Redis in batches; local: per worker only.")
+    hybrid_batch: int = Field(default=10, gt=0, le=1000,
+                              description="Tokens a worker reserves at once in hybrid mode.")
+    legacy_headers: bool = Field(default=False,
+                                 description="Also send X-RateLimit-Limit/Remaining/Reset.")
 
     @field_validator("policies")
     @classmethod
@@ -145,6 +185,8 @@ class GatewayConfig(_Strict):
     identity: Identity = Field(default_factory=Identity)
     events: Events = Field(default_factory=Events)
     ratelimit: RateLimit = Field(default_factory=RateLimit)
+    auth: Auth = Field(default_factory=Auth)
+    access: Access = Field(default_factory=Access, description="Global IP allow/deny lists.")
 
     @model_validator(mode="after")
     def _references(self) -> GatewayConfig:
@@ -160,6 +202,7 @@ class GatewayConfig(_Strict):
             if policy.route_id != "*" and policy.route_id not in ids:
                 raise ValueError(f"ratelimit.policies[{index}].route_id {policy.route_id!r} "
                                  "names no route")
+        check_references(self.routes, self.auth)
         return self
 
     def route(self, route_id: str) -> Route | None:
@@ -203,6 +246,8 @@ def parse_config(text: str, source: str = "<config>",
         document: Any = yaml.safe_load(expanded)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{source}: not valid YAML: {exc}") from exc
+    except RecursionError:
+        raise ConfigError(f"{source}: nested too deeply to be a gateway config") from None
     if not isinstance(document, dict):
         raise ConfigError(f"{source}: expected a mapping at the top level, "
                           f"got {type(document).__name__}")

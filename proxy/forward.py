@@ -1,13 +1,14 @@
-"""Forwarding to upstreams: one keep-alive pool per upstream, bodies streamed both ways.
+"""Forwarding to upstreams: pools of targets (proxy/pool.py), bodies streamed both ways.
 
 Request headers: hop-by-hop headers are removed (Connection and every header it names,
-Keep-Alive, TE, Trailer, Transfer-Encoding, Upgrade, Proxy-*), Host becomes the upstream's,
-X-Forwarded-For/Proto/Host and Via are set, X-Request-Id and traceparent are propagated.
-X-Forwarded-*, Forwarded and X-Real-Ip from a peer that is not a trusted proxy are dropped
-and replaced by what the gateway saw. Response headers: hop-by-hop removed, Via added,
-X-Request-Id set. Bodies: small responses of known length (<= 64 KiB) are read at once;
-everything else streams with backpressure, never held whole in memory. Content is passed
-through as-is (no decompression).
+Keep-Alive, TE, Trailer, Transfer-Encoding, Upgrade, Proxy-*), Host becomes the target's,
+X-Forwarded-For/Proto/Host, RFC 7239 Forwarded (`for=...;proto=...;host=...`, IPv6 as
+`"[::1]"`) and Via are set, X-Request-Id and traceparent are propagated. X-Forwarded-*,
+Forwarded and X-Real-Ip from a peer that is not a trusted proxy are dropped and replaced by
+what the gateway saw; from a trusted proxy they are kept and this hop is appended.
+Response headers: hop-by-hop removed, Via added, X-Request-Id set. Bodies: small responses
+of known length (<= 64 KiB) are read at once; everything else streams with backpressure,
+never held whole in memory. Content is passed through as-is (no decompression).
 
 Failures before the response starts become RFC 9457 problems: connect refused -> 502
 `upstream_connect_error`, connect timeout -> 504 `upstream_connect_timeout`, read/total
@@ -15,7 +16,12 @@ timeout -> 504 `upstream_timeout`, reset -> 502 `upstream_reset`, invalid HTTP -
 `upstream_protocol_error`. A failure mid-body closes the client connection (the response is
 visibly truncated) and is recorded the same way. A client that goes away is recorded as
 `client_disconnect` with status 499. `upstream_duration_ms` is the time until the upstream's
-response headers arrived (or it failed).
+response headers arrived (or it failed), retries included.
+
+Resilience around each attempt (proxy/resilience.py): the route's `max_in_flight` (503
+`route_overloaded` with Retry-After, no queue), the upstream's circuit breaker (503
+`circuit_open`), the route's retries (event `retries`; metric
+apigw_upstream_retries_total{decision}); outcomes feed outlier detection (proxy/health.py).
 """
 
 from __future__ import annotations
@@ -32,12 +38,17 @@ from aiohttp.web_request import BaseRequest
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
-from proxy.config import Upstream
+from proxy.balancing import Endpoint
+from proxy.config import Route
+from proxy.limits import BodyTooLarge, RouteLimits, header_bytes
+from proxy.pool import UpstreamPool
 from proxy.problem import problem_response
+from proxy.resilience import RetryPolicy, failure_class, timeout_for
 
 if TYPE_CHECKING:
     from proxy.app import Exchange
     from proxy.event import RequestEvent
+    from proxy.routing import CompiledRoute
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +59,11 @@ HOP_BY_HOP: Final = frozenset({"connection", "keep-alive", "te", "trailer", "tra
 _FORWARDING: Final = frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host",
                                 "forwarded", "x-real-ip"})
 _REPLACED: Final = frozenset({"host", "x-request-id", "traceparent", "via"})
-_SKIP_AUTO: Final = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
 _MAX_REQUEST_ID: Final = 128
 _ID_CHARS: Final = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._:-")
 _HEX: Final = frozenset("0123456789abcdef")
+_TOKEN: Final = frozenset("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyz"
+                          "ABCDEFGHIJKLMNOPQRSTUVWXYZ")
 
 
 # --- request id and W3C trace context -------------------------------------------------------
@@ -92,6 +104,22 @@ def _connection_tokens(headers: Mapping[str, str]) -> frozenset[str]:
     return frozenset(token.strip().lower() for token in value.split(","))
 
 
+def _forwarded_value(value: str) -> str:
+    """A Forwarded parameter value: a token as-is, anything else as a quoted-string."""
+    if value and _TOKEN.issuperset(value):
+        return value
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def forwarded_element(peer: str, proto: str, host: str | None) -> str:
+    """This hop's RFC 7239 element: for=<client>;proto=<scheme>[;host=<host>]."""
+    node = f"[{peer}]" if ":" in peer else (peer or "unknown")
+    element = f"for={_forwarded_value(node)};proto={proto}"
+    if host:
+        element += f";host={_forwarded_value(host)}"
+    return element
+
+
 def upstream_request_headers(ex: Exchange, upstream_host: str,
                              trusted_peer: bool) -> CIMultiDict[str]:
     request = ex.request
@@ -112,6 +140,10 @@ def upstream_request_headers(ex: Exchange, upstream_host: str,
     host = incoming.get("Host")
     if host and "X-Forwarded-Host" not in headers:
         headers["X-Forwarded-Host"] = host
+    previous_forwarded = (", ".join(incoming.getall("Forwarded", ())) if trusted_peer
+                          else "")
+    element = forwarded_element(peer, request.scheme, host)
+    headers["Forwarded"] = f"{previous_forwarded}, {element}" if previous_forwarded else element
     via = incoming.get("Via")
     headers["Via"] = f"{via}, {VIA}" if via else VIA
     headers["Host"] = upstream_host
@@ -159,48 +191,37 @@ def _client_gone(request: BaseRequest) -> bool:
     return transport is None or transport.is_closing()
 
 
-# --- the upstream pool ------------------------------------------------------------------------
+# --- forwarding ---------------------------------------------------------------------------------
 
-class UpstreamClient:
-    """One upstream: its base URL, its keep-alive pool and timeouts."""
+class RoutePlan:
+    """What forwarding needs of one route, built on its first request."""
 
-    def __init__(self, name: str, config: Upstream) -> None:
-        self.name = name
-        self.config = config
-        url = URL(config.url)
-        self.base = config.url
-        self.host_header = url.raw_authority
-        self.target = f"{url.host}:{url.port}"
-        self._session: aiohttp.ClientSession | None = None
+    __slots__ = ("in_flight", "limits", "max_body", "max_in_flight", "pool", "retry", "timeout")
 
-    async def start(self) -> None:
-        timeouts = self.config.timeouts
-        connector = aiohttp.TCPConnector(limit=self.config.max_connections, limit_per_host=0,
-                                         keepalive_timeout=60.0, ttl_dns_cache=60)
-        self._session = aiohttp.ClientSession(
-            connector=connector, cookie_jar=aiohttp.DummyCookieJar(), auto_decompress=False,
-            skip_auto_headers=_SKIP_AUTO, trust_env=False, read_bufsize=64 * 1024,
-            max_field_size=16 * 1024,
-            timeout=aiohttp.ClientTimeout(total=timeouts.total_s, connect=timeouts.connect_s,
-                                          sock_read=timeouts.read_s))
+    def __init__(self, route: Route, pool: UpstreamPool) -> None:
+        self.pool = pool
+        self.timeout = timeout_for(pool.timeout, route.timeouts)
+        self.retry = RetryPolicy(route.retry) if route.retry is not None else None
+        self.max_in_flight = route.max_in_flight
+        self.in_flight = 0
+        self.limits = route.limits
+        self.max_body = route.limits.max_body_bytes if route.limits is not None else None
 
-    async def close(self) -> None:
-        session, self._session = self._session, None
-        if session is not None:
-            await session.close()
 
-    @property
-    def session(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            raise RuntimeError(f"upstream {self.name!r} used before start()")
-        return self._session
+class _Retry(Exception):
+    """Internal: this attempt failed in a way the route retries."""
 
 
 class Forwarder:
-    """The terminal step: sends the request upstream and the response back to the client."""
+    """The terminal step: picks a target, sends the request, streams the response back.
 
-    def __init__(self, upstreams: Mapping[str, UpstreamClient]) -> None:
+    Around each attempt: the route's in-flight limit, the upstream's circuit breaker, the
+    route's retry policy; outcomes feed outlier detection and the breaker.
+    """
+
+    def __init__(self, upstreams: Mapping[str, UpstreamPool]) -> None:
         self.upstreams = dict(upstreams)
+        self._plans: dict[str, RoutePlan] = {}
 
     async def start(self) -> None:
         for upstream in self.upstreams.values():
@@ -210,40 +231,188 @@ class Forwarder:
         for upstream in self.upstreams.values():
             await upstream.close()
 
+    def plan(self, route: CompiledRoute) -> RoutePlan:
+        plan = self._plans.get(route.id)
+        if plan is None:
+            plan = self._plans[route.id] = RoutePlan(route.route, self.upstreams[route.upstream])
+        return plan
+
     async def access(self, ex: Exchange) -> web.StreamResponse:
         route = ex.route
         assert route is not None
-        upstream = self.upstreams[route.upstream]
+        plan = self._plans.get(route.id) or self.plan(route)
+        if plan.limits is not None:
+            refused = await self._check_limits(ex, plan.limits)
+            if refused is not None:
+                return refused
+        limit = plan.max_in_flight
+        if limit is None:
+            return await self._forward(ex, plan)
+        if plan.in_flight >= limit:
+            return self._reject(ex, "route_overloaded", "route-overloaded",
+                                f"route {route.id} has {limit} requests in flight", 1)
+        plan.in_flight += 1
+        try:
+            return await self._forward(ex, plan)
+        finally:
+            plan.in_flight -= 1
+
+    def _reject(self, ex: Exchange, reason: str, slug: str, detail: str,
+                retry_after: int | None = None) -> web.Response:
+        from proxy.metrics import REJECTIONS
+
+        ex.event.error_type = reason
+        REJECTIONS.labels(ex.event.route_id, reason).inc()
+        headers = ex.response_headers if retry_after is None else {
+            **ex.response_headers, "Retry-After": str(retry_after)}
+        return problem_response(slug, detail, ex.request_id, headers=headers)
+
+    async def _check_limits(self, ex: Exchange,
+                            limits: RouteLimits) -> web.StreamResponse | None:
+        request = ex.request
+        max_url = limits.max_url_bytes
+        if max_url is not None:
+            size = len(ex.path) + (len(ex.query) + 1 if ex.query else 0)
+            if size > max_url:
+                return self._reject(ex, "uri_too_long", "uri-too-long",
+                                    f"the request target has {size} bytes; this route "
+                                    f"accepts at most {max_url}")
+        max_headers = limits.max_header_bytes
+        if max_headers is not None:
+            size = header_bytes(request.raw_headers)
+            if size > max_headers:
+                return self._reject(ex, "headers_too_large", "headers-too-large",
+                                    f"the request headers have {size} bytes; this route "
+                                    f"accepts at most {max_headers}")
+        max_body = limits.max_body_bytes
+        length = request.content_length
+        if max_body is not None and length is not None and length > max_body:
+            ex.event.http_request_body_size = length
+            refused = self._reject(ex, "payload_too_large", "payload-too-large",
+                                   f"the request body has {length} bytes; this route "
+                                   f"accepts at most {max_body}")
+            return await _answer_and_close(ex, refused)  # the body is never read
+        return None
+
+    async def _forward(self, ex: Exchange, plan: RoutePlan) -> web.StreamResponse:
+        route = ex.route
+        assert route is not None
+        pool = plan.pool
         request = ex.request
         event = ex.event
-        event.upstream = upstream.target
-        path = route.upstream_path(ex.raw_segments)
-        url = URL(upstream.base + path + ("?" + ex.query if ex.query else ""), encoded=True)
-        headers = upstream_request_headers(ex, upstream.host_header, ex.trusted_peer)
-        body: object = None
-        if request.body_exists:
+        suffix = route.upstream_path(ex.raw_segments) + ("?" + ex.query if ex.query else "")
+        headers = upstream_request_headers(ex, "", ex.trusted_peer)
+        has_body = request.body_exists
+        length = request.content_length
+        held: bytes | None = None
+        retry = plan.retry
+        if has_body:
             if request.headers.get("Expect", "").lower() == "100-continue":
                 await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-            length = request.content_length
             if length is not None:
                 event.http_request_body_size = length
-                body = request.content
-            else:
-                body = _counted(request, event)
+                if retry is not None and length <= retry.config.max_body_bytes:
+                    held = await request.read()
+        replayable = not has_body or held is not None
+        if retry is not None:
+            retry.deposit()
+        breaker = pool.breaker
         loop = asyncio.get_running_loop()
         started = loop.time()
-        try:
-            async with upstream.session.request(
-                    request.method, url, headers=headers, data=body, allow_redirects=False,
-                    compress=None) as response:
+        attempt = 0
+        admitted = False
+        ep: Endpoint | None = None
+        while True:
+            if breaker is not None and not admitted and not breaker.allow():
+                return self._reject(ex, "circuit_open", "circuit-open",
+                                    f"upstream {pool.name} is failing; its circuit is open",
+                                    breaker.retry_after_s())
+            admitted = False
+            previous = ep if attempt else None
+            ep = pool.pick(ex)
+            if ep is previous and pool.single is None:
+                ep = pool.pick(ex)  # a retry prefers another target (Envoy's previous_hosts)
+            event.upstream = ep.address
+            headers["Host"] = ep.host_header
+            body: object = None
+            if has_body:
+                body = held if held is not None else (
+                    request.content if length is not None
+                    else _counted(request, event, plan.max_body))
+            url = URL(ep.base + suffix, encoded=True)
+            ep.outstanding += 1
+            try:
+                try:
+                    response = await pool.session.request(
+                        request.method, url, headers=headers, data=body, allow_redirects=False,
+                        compress=None, timeout=plan.timeout)
+                except ClientGone:
+                    pool.abandon()
+                    raise
+                except Exception as exc:  # every failure becomes a problem and an error class
+                    event.upstream_duration_ms = (loop.time() - started) * 1000.0
+                    error_type = self._attempt_error(ex, exc, pool)
+                    if error_type == "client_body_error" or error_type == "payload_too_large":
+                        pool.abandon()
+                        return await self._failure(ex, exc, error_type)
+                    pool.record(ep, error_type, 0)
+                    failure = failure_class(error_type, 0)
+                    if retry is not None and attempt < retry.config.attempts and \
+                            self._may_retry(ex, retry, failure, replayable, pool):
+                        admitted = breaker is not None
+                        attempt += 1
+                        event.retries = attempt
+                        await asyncio.sleep(retry.backoff_s(attempt - 1))
+                        continue
+                    return await self._failure(ex, exc, error_type)
                 event.upstream_duration_ms = (loop.time() - started) * 1000.0
-                return await self._respond(ex, response)
-        except ClientGone:
-            raise
-        except Exception as exc:  # every failure becomes a problem response and an error class
-            if not event.upstream_duration_ms:
-                event.upstream_duration_ms = (loop.time() - started) * 1000.0
-            return self._failure(ex, exc)
+                status = response.status
+                pool.record(ep, "", status)
+                if status >= 500 and retry is not None and attempt < retry.config.attempts \
+                        and self._may_retry(ex, retry, failure_class("", status), replayable,
+                                            pool):
+                    response.close()
+                    admitted = breaker is not None
+                    attempt += 1
+                    event.retries = attempt
+                    await asyncio.sleep(retry.backoff_s(attempt - 1))
+                    continue
+                try:
+                    return await self._respond(ex, response)
+                finally:
+                    response.release()
+            finally:
+                ep.outstanding -= 1
+
+    def _may_retry(self, ex: Exchange, retry: RetryPolicy, failure: str, replayable: bool,
+                   pool: UpstreamPool) -> bool:
+        from proxy.metrics import RETRIES
+
+        route_id = ex.event.route_id
+        if not retry.allows(ex.event.http_request_method, failure, replayable):
+            RETRIES.labels(route_id, "not_retryable").inc()
+            return False
+        if not retry.withdraw():
+            RETRIES.labels(route_id, "budget_exhausted").inc()
+            return False
+        breaker = pool.breaker
+        if breaker is not None and not breaker.allow():
+            RETRIES.labels(route_id, "circuit_open").inc()
+            return False
+        RETRIES.labels(route_id, "retried").inc()
+        return True
+
+    def _attempt_error(self, ex: Exchange, exc: Exception, pool: UpstreamPool) -> str:
+        """The error class of a failed attempt; raises ClientGone when the client left."""
+        if _client_gone(ex.request):
+            pool.abandon()
+            ex.event.error_type = ex.event.error_type or "client_disconnect"
+            raise ClientGone from None
+        if ex.event.error_type == "payload_too_large":
+            return "payload_too_large"
+        if ex.request.content.exception() is not None:
+            return "client_body_error"
+        return classify(exc)[0]
 
     async def _respond(self, ex: Exchange,
                        upstream: aiohttp.ClientResponse) -> web.StreamResponse:
@@ -289,34 +458,58 @@ class Forwarder:
         await stream.write_eof()
         return stream
 
-    def _failure(self, ex: Exchange, exc: Exception) -> web.StreamResponse:
+    async def _failure(self, ex: Exchange, exc: Exception,
+                       error_type: str) -> web.StreamResponse:
         event = ex.event
-        request = ex.request
-        if _client_gone(request):
-            event.error_type = event.error_type or "client_disconnect"
-            raise ClientGone from None
-        if request.content.exception() is not None:
-            event.error_type = "client_body_error"
+        if error_type == "payload_too_large":
+            refused = self._reject(ex, error_type, "payload-too-large",
+                                   f"the request body passed {ex.event.http_request_body_size} "
+                                   "bytes, over this route's limit")
+            return await _answer_and_close(ex, refused)
+        if error_type == "client_body_error":
+            event.error_type = error_type
             return problem_response("bad-request", "the request body could not be read",
                                     ex.request_id, headers=ex.response_headers)
-        error_type, slug = classify(exc)
+        slug = classify(exc)[1]
         event.error_type = error_type
         if error_type == "upstream_error":
             log.warning("upstream request failed", extra={"upstream": event.upstream,
                                                           "error": repr(exc)})
         route = ex.route
         detail = (f"upstream {route.upstream if route else '?'} ({event.upstream}) failed: "
-                  f"{error_type.replace('_', ' ')}")
+                  f"{error_type.replace('_', ' ')}"
+                  + (f" after {event.retries} retries" if event.retries else ""))
         return problem_response(slug, detail, ex.request_id, headers=ex.response_headers)
+
+
+UpstreamClient = UpstreamPool  # the name app.py wires
+
+
+async def _answer_and_close(ex: Exchange, response: web.Response) -> web.Response:
+    """Send `response` and close the connection: the request body is left unread (aiohttp
+    would otherwise linger reading it)."""
+    response.force_close()
+    await response.prepare(ex.request)
+    await response.write_eof()
+    ex.event.http_response_body_size = len(response.body) if isinstance(response.body,
+                                                                         bytes) else 0
+    transport = ex.request.transport
+    if transport is not None:
+        transport.close()
+    return response
 
 
 class ClientGone(Exception):
     """The client went away; nothing more can be sent."""
 
 
-async def _counted(request: BaseRequest, event: RequestEvent) -> AsyncIterator[bytes]:
-    """A chunked request body, counted as it streams through."""
+async def _counted(request: BaseRequest, event: RequestEvent,
+                   limit: int | None = None) -> AsyncIterator[bytes]:
+    """A chunked request body, counted (and cut off at `limit`) as it streams through."""
     async for chunk in request.content.iter_any():
         event.http_request_body_size += len(chunk)
+        if limit is not None and event.http_request_body_size > limit:
+            event.error_type = "payload_too_large"
+            raise BodyTooLarge
         yield chunk
 

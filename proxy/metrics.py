@@ -39,6 +39,34 @@ CONFIG_INFO = Gauge("apigw_config_info", "The loaded gateway config (value 1)", 
 WORKERS = Gauge("apigw_proxy_workers", "Worker processes alive (set by the supervisor)",
                 multiprocess_mode="livemax")
 WORKER_RESTARTS = Counter("apigw_proxy_worker_restarts_total", "Workers restarted after dying")
+UPSTREAM_TARGET_AVAILABLE = Gauge(
+    "apigw_upstream_target_available",
+    "1 when a target takes traffic (health check passing, not ejected); the minimum over "
+    "workers", ["upstream", "target"], multiprocess_mode="livemin")
+UPSTREAM_EJECTIONS = Counter("apigw_upstream_ejections_total",
+                             "Targets ejected by outlier detection, by reason",
+                             ["upstream", "target", "reason"])
+UPSTREAM_HEALTH_CHECKS = Counter("apigw_upstream_health_checks_total",
+                                 "Active health checks by result (success, failure)",
+                                 ["upstream", "target", "result"])
+UPSTREAM_PANIC = Counter("apigw_upstream_panic_total",
+                         "Picks made while no target was available (routed to any target)",
+                         ["upstream"])
+CIRCUIT_STATE = Gauge("apigw_circuit_state",
+                      "Circuit breaker state per upstream: 0 closed, 1 half-open, 2 open",
+                      ["upstream"], multiprocess_mode="livemax")
+CIRCUIT_TRANSITIONS = Counter("apigw_circuit_transitions_total",
+                              "Circuit breaker state changes, by the state entered",
+                              ["upstream", "state"])
+RETRIES = Counter("apigw_upstream_retries_total",
+                  "Retry decisions per route: retried, budget_exhausted, not_retryable",
+                  ["route_id", "decision"])
+REJECTIONS = Counter("apigw_proxy_rejections_total",
+                     "Requests the gateway refused to forward, by reason (route_overloaded, "
+                     "circuit_open, payload_too_large, ...)", ["route_id", "reason"])
+CONFIG_RELOADS = Counter("apigw_config_reloads_total",
+                         "Config reloads by outcome (success, invalid, error, unchanged)",
+                         ["outcome"])
 _OUTCOMES: Final = {outcome: RATELIMIT_OUTCOMES.labels(outcome)
                    for outcome in ("allowed", "limited", "shadow_limited", "error")}
 

@@ -21,13 +21,18 @@ PROBLEMS: Final[dict[str, tuple[int, str]]] = {
     "bad-path": (400, "Path not accepted"),
     "route-not-found": (404, "No route for this path"),
     "method-not-allowed": (405, "Method not allowed on this route"),
+    "payload-too-large": (413, "Request body too large for this route"),
+    "uri-too-long": (414, "Request target too long"),
     "rate-limited": (429, "Too many requests"),
+    "headers-too-large": (431, "Request header fields too large"),
     "internal-error": (500, "Gateway internal error"),
     "upstream-unreachable": (502, "Upstream unreachable"),
     "upstream-reset": (502, "Upstream closed the connection"),
     "upstream-bad-response": (502, "Upstream sent an invalid response"),
     "rate-limit-unavailable": (503, "Rate limiting unavailable"),
     "shutting-down": (503, "Gateway shutting down"),
+    "circuit-open": (503, "Upstream circuit open"),
+    "route-overloaded": (503, "Route at its in-flight limit"),
     "upstream-timeout": (504, "Upstream timed out"),
 }
 

@@ -10,6 +10,12 @@ SO_REUSEPORT; the parent restarts a worker that dies, serves the admin port, and
 the workers' metrics with prometheus_client's multiprocess mode (PROMETHEUS_MULTIPROC_DIR, a
 temp dir, is set before any metric is imported). Workers are spawned, not forked, so none
 inherits an event loop or a Redis connection.
+
+Hot reload (proxy/reload.py): SIGHUP, or a change of the config file (polled every
+APIGW_CONFIG_WATCH_S seconds, default 2, 0 = off), re-reads and validates the YAML; each
+worker swaps its Gateway atomically and the old one drains. With N workers the supervisor
+validates first (an invalid file stops there, logged), keeps the new config for workers it
+respawns, and sends SIGHUP to every worker.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ import uvloop
 
 from apigw.logs import configure
 from proxy.config import ConfigError, GatewayConfig, load_config
+from proxy.reload import watch_interval_s
 from proxy.settings import ProxySettings, parse_listen
 
 if TYPE_CHECKING:
@@ -42,6 +49,7 @@ if TYPE_CHECKING:
     from aiohttp import web
 
     from proxy.app import Gateway
+    from proxy.reload import LiveGateway
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +76,8 @@ def serve(config_path: Path, settings: ProxySettings) -> int:
     try:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             if settings.workers == 1:
-                return runner.run(_run_single(config, settings))
-            return runner.run(_Supervisor(config, settings).run())
+                return runner.run(_run_single(config, settings, config_path))
+            return runner.run(_Supervisor(config, settings, config_path).run())
     finally:
         if multiproc_dir:
             os.environ.pop(_MULTIPROC_ENV, None)
@@ -81,8 +89,13 @@ def serve(config_path: Path, settings: ProxySettings) -> int:
 def make_redis(settings: ProxySettings) -> aioredis.Redis:
     import redis.asyncio as aioredis
 
-    return aioredis.Redis.from_url(settings.redis_url, socket_connect_timeout=1.0,
-                                   socket_timeout=5.0, health_check_interval=30)
+    # A blocking pool: a burst of concurrent requests waits briefly for a connection instead
+    # of failing with MaxConnectionsError (which the limiter would take for "Redis down").
+    pool = aioredis.BlockingConnectionPool.from_url(
+        settings.redis_url, max_connections=settings.redis_max_connections,
+        timeout=settings.redis_pool_wait_s, socket_connect_timeout=1.0, socket_timeout=5.0,
+        health_check_interval=30)
+    return aioredis.Redis(connection_pool=pool)
 
 
 async def seed_policies(config: GatewayConfig, settings: ProxySettings,
@@ -101,7 +114,8 @@ async def seed_policies(config: GatewayConfig, settings: ProxySettings,
     log.info("policies seeded", extra={"policies": len(policies), "written": written})
 
 
-async def start_listener(gateway: Gateway, listen: str, *, reuse_port: bool = False,
+async def start_listener(gateway: Gateway | LiveGateway, listen: str, *,
+                         reuse_port: bool = False,
                          shutdown_grace_s: float = 10.0) -> web.ServerRunner:
     """Serve the gateway on HOST:PORT; `runner.cleanup()` stops accepting and drains."""
     from aiohttp import web
@@ -132,6 +146,11 @@ async def start_admin(app: web.Application, listen: str) -> web.AppRunner:
     return runner
 
 
+def _watch(live: LiveGateway, interval_s: float,
+           on_change: Callable[[], None] | None = None) -> asyncio.Task[None]:
+    return asyncio.create_task(live.watch(interval_s, on_change), name="config-watch")
+
+
 def _stop_event() -> asyncio.Event:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -142,39 +161,55 @@ def _stop_event() -> asyncio.Event:
 
 async def _serve_gateway(config: GatewayConfig, settings: ProxySettings,
                          redis: aioredis.Redis, stop: asyncio.Event,
-                         on_ready: Callable[[Gateway], Any], reuse_port: bool) -> int:
-    """Start a gateway, serve until `stop`, drain and flush. Shared by single and worker."""
-    from proxy.app import Gateway
+                         on_ready: Callable[[LiveGateway], Any], reuse_port: bool,
+                         config_path: Path | None, watch_s: float) -> int:
+    """Start a gateway, serve until `stop`, drain and flush. Shared by single and worker.
+
+    SIGHUP (and, when `watch_s` > 0, a change of the file) reloads `config_path`."""
+    from proxy.app import Gateway, tune_gc
+    from proxy.reload import LiveGateway
 
     gateway = Gateway(config, settings, redis)
     await gateway.start()
+    tune_gc()
+    live = LiveGateway(gateway, settings, redis, config_path,
+                       drain_s=max(settings.shutdown_grace_s, 1.0))
     try:
-        runner = await start_listener(gateway, settings.listen, reuse_port=reuse_port,
+        runner = await start_listener(live, settings.listen, reuse_port=reuse_port,
                                       shutdown_grace_s=settings.shutdown_grace_s)
     except OSError as exc:
         log.error("cannot listen", extra={"listen": settings.listen, "error": str(exc)})
         await gateway.stop()
         return 1
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGHUP, live.trigger)
+    watcher = _watch(live, watch_s)
     try:
-        await on_ready(gateway)
+        await on_ready(live)
         log.info("proxy listening", extra={"listen": settings.listen,
                                            "config_version": gateway.version,
                                            "routes": len(config.routes)})
         await stop.wait()
         log.info("shutting down: draining in-flight requests",
                  extra={"grace_s": settings.shutdown_grace_s})
-        gateway.stopping = True
+        live.gateway.stopping = True
     finally:
+        loop.remove_signal_handler(signal.SIGHUP)
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
         await runner.cleanup()
-        await gateway.stop()
-    if gateway.emitter is not None:
-        log.info("events flushed", extra=gateway.emitter.stats)
+        await live.stop()
+    emitter = live.gateway.emitter
+    if emitter is not None:
+        log.info("events flushed", extra=emitter.stats)
     return 0
 
 
 # --- one process ----------------------------------------------------------------------------
 
-async def _run_single(config: GatewayConfig, settings: ProxySettings) -> int:
+async def _run_single(config: GatewayConfig, settings: ProxySettings,
+                      config_path: Path | None = None) -> int:
     from prometheus_client import REGISTRY
 
     from proxy.admin import build_admin_app, config_document
@@ -185,18 +220,22 @@ async def _run_single(config: GatewayConfig, settings: ProxySettings) -> int:
     try:
         await seed_policies(config, settings, redis)
 
-        async def on_ready(gateway: Gateway) -> None:
+        async def on_ready(live: LiveGateway) -> None:
             nonlocal admin
             from proxy.app import describe_steps
 
-            extra = {"workers": 1, "chain": describe_steps(gateway.steps)}
-            app = build_admin_app(gateway.readiness,
-                                  lambda: config_document(config, extra), REGISTRY)
+            def view() -> dict[str, Any]:
+                extra = {"workers": 1, "chain": describe_steps(live.gateway.steps),
+                         "reloads": live.reloads}
+                return config_document(live.config, extra)
+
+            app = build_admin_app(live.readiness, view, REGISTRY)
             admin = await start_admin(app, settings.admin_listen)
 
         try:
             return await _serve_gateway(config, settings, redis, stop, on_ready,
-                                        reuse_port=False)
+                                        reuse_port=False, config_path=config_path,
+                                        watch_s=watch_interval_s())
         except OSError as exc:
             log.error("cannot listen on the admin port",
                       extra={"listen": settings.admin_listen, "error": str(exc)})
@@ -209,25 +248,28 @@ async def _run_single(config: GatewayConfig, settings: ProxySettings) -> int:
 
 # --- N workers --------------------------------------------------------------------------------
 
-def _worker_main(config: GatewayConfig, settings: ProxySettings, ready: ProcessEvent) -> None:
+def _worker_main(config: GatewayConfig, settings: ProxySettings, ready: ProcessEvent,
+                 config_path: Path | None = None) -> None:
     """Entry point of a spawned worker process."""
     configure("proxy", settings.log_level)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the loop's reload handler is set
     settings = settings.for_worker()
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        code = runner.run(_run_worker(config, settings, ready))
+        code = runner.run(_run_worker(config, settings, ready, config_path))
     sys.exit(code)
 
 
 async def _run_worker(config: GatewayConfig, settings: ProxySettings,
-                      ready: ProcessEvent) -> int:
+                      ready: ProcessEvent, config_path: Path | None) -> int:
     stop = _stop_event()
     redis = make_redis(settings)
 
-    async def on_ready(gateway: Gateway) -> None:
+    async def on_ready(live: LiveGateway) -> None:
         ready.set()
 
-    try:
-        return await _serve_gateway(config, settings, redis, stop, on_ready, reuse_port=True)
+    try:  # the supervisor watches the file and sends SIGHUP
+        return await _serve_gateway(config, settings, redis, stop, on_ready, reuse_port=True,
+                                    config_path=config_path, watch_s=0)
     finally:
         await redis.aclose()
 
@@ -242,8 +284,10 @@ class _Worker:
 class _Supervisor:
     """The parent of N workers: starts, watches and restarts them; serves the admin port."""
 
-    def __init__(self, config: GatewayConfig, settings: ProxySettings) -> None:
+    def __init__(self, config: GatewayConfig, settings: ProxySettings,
+                 config_path: Path | None = None) -> None:
         self.config = config
+        self.config_path = config_path
         self.settings = settings
         self.context = multiprocessing.get_context("spawn")
         self.workers: dict[int, _Worker] = {}
@@ -254,7 +298,8 @@ class _Supervisor:
     def _spawn(self, slot: int) -> None:
         ready = self.context.Event()
         process = self.context.Process(target=_worker_main, name=f"apigw-proxy-{slot}",
-                                       args=(self.config, self.settings, ready))
+                                       args=(self.config, self.settings, ready,
+                                             self.config_path))
         process.start()
         self.workers[slot] = _Worker(slot, process, ready)
         log.info("worker started", extra={"slot": slot, "worker_pid": process.pid})
@@ -270,6 +315,16 @@ class _Supervisor:
         redis = make_redis(self.settings)
         admin: web.AppRunner | None = None
         code = 0
+        loop = asyncio.get_running_loop()
+        reloads: set[asyncio.Task[None]] = set()
+
+        def reload() -> None:
+            task = asyncio.create_task(self._reload())
+            reloads.add(task)
+            task.add_done_callback(reloads.discard)
+
+        loop.add_signal_handler(signal.SIGHUP, reload)
+        watcher = asyncio.create_task(self._watch(watch_interval_s(), reload))
         try:
             await seed_policies(self.config, self.settings, redis)
             for slot in range(self.settings.workers):
@@ -297,11 +352,45 @@ class _Supervisor:
             log.info("shutting down workers", extra={"grace_s": self.settings.shutdown_grace_s})
         finally:
             self.stopping = True
+            loop.remove_signal_handler(signal.SIGHUP)
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
             await self._stop_workers()
             if admin is not None:
                 await admin.cleanup()
             await redis.aclose()
         return code
+
+    async def _watch(self, interval_s: float, on_change: Callable[[], None]) -> None:
+        from proxy.reload import file_stamp
+
+        if self.config_path is None or interval_s <= 0:
+            return
+        stamp = file_stamp(self.config_path)
+        while True:
+            await asyncio.sleep(interval_s)
+            current = file_stamp(self.config_path)
+            if current is not None and current != stamp:
+                stamp = current
+                on_change()
+
+    async def _reload(self) -> None:
+        """Validate the file; if good, keep it for respawns and tell every worker (SIGHUP)."""
+        if self.config_path is None:
+            return
+        try:
+            config = await asyncio.to_thread(load_config, self.config_path)
+        except ConfigError as exc:
+            log.error("config reload rejected; workers keep the current config",
+                      extra={"path": str(self.config_path), "error": str(exc)[:2000]})
+            return
+        self.config = config
+        for worker in self.workers.values():
+            if worker.process.is_alive() and worker.process.pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(worker.process.pid, signal.SIGHUP)
+        log.info("config reload sent to workers", extra={"workers": len(self.workers)})
 
     def _reap_and_restart(self) -> bool:
         """Restart dead workers; False when they crash in a loop (give up)."""

@@ -29,6 +29,12 @@ class ProxySettings(CommonSettings):
                                     description="How long in-flight requests may finish.")
     redis_timeout_s: float = Field(default=0.1, gt=0, le=5,
                                    description="Budget of a rate-limit check on the hot path.")
+    redis_max_connections: int = Field(
+        default=512, ge=4, le=100_000,
+        description="Redis connections per worker; more concurrent commands wait for one.")
+    redis_pool_wait_s: float = Field(
+        default=2.0, gt=0, le=60,
+        description="Longest wait for a free Redis connection before the command fails.")
 
     _default_instance: bool = PrivateAttr(default=False)
 

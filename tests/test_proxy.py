@@ -266,6 +266,8 @@ async def test_status_body_and_forwarding_headers(upstream: str, start_gateway: 
     assert upstream_headers["x-forwarded-for"] == "127.0.0.1"  # the spoofed hop is dropped
     assert upstream_headers["x-forwarded-proto"] == "http"
     assert upstream_headers["x-forwarded-host"] == gw.url.removeprefix("http://")
+    assert upstream_headers["forwarded"] == (
+        f'for=127.0.0.1;proto=http;host="{gw.url.removeprefix("http://")}"')
     assert upstream_headers["host"] == upstream.removeprefix("http://")
     assert upstream_headers["via"] == "1.1 apigw"
     assert upstream_headers["x-request-id"] == request_id
@@ -343,10 +345,11 @@ async def test_trusted_proxy_forwarded_for(upstream: str, start_gateway: Gateway
                                              "client_id_header": "X-Client-Id"})
     gw = await start_gateway(config)
     headers = {"X-Forwarded-For": "203.0.113.9, 127.0.0.2", "X-Forwarded-Proto": "https",
-               "X-Client-Id": "shop-7"}
+               "X-Client-Id": "shop-7", "Forwarded": 'for=203.0.113.9;proto=https'}
     async with client.get(f"{gw.url}/echo/x", headers=headers) as response:
         seen = header_map((await response.json())["headers"])
     assert seen["x-forwarded-for"] == "203.0.113.9, 127.0.0.2, 127.0.0.1"
+    assert seen["forwarded"].startswith("for=203.0.113.9;proto=https, for=127.0.0.1;proto=http")
     assert seen["x-forwarded-proto"] == "https"
     [event] = await read_events(gw.redis, 1)
     assert event["client_address"] == "203.0.113.9"
