@@ -160,11 +160,39 @@ def _add_analytics(sub: Any) -> Any:
         + _COMMON_ENV)
     _listen_option(parser, "127.0.0.1:9092")
     parser.set_defaults(run=_run_analytics)
-    # Analytics tools (`apigw analytics backtest`, issue 6) are parsers added to `tools`, each
-    # with its own set_defaults(run=...); without one, `apigw analytics` runs the service.
-    # Hidden from the help while it is empty: drop help=SUPPRESS with the first tool.
-    return parser.add_subparsers(dest="analytics_command", required=False,
-                                 help=argparse.SUPPRESS, metavar="")
+    # Analytics tools are parsers added to `tools`, each with its own set_defaults(run=...);
+    # without one, `apigw analytics` runs the service.
+    tools = parser.add_subparsers(dest="analytics_command", required=False,
+                                  metavar="{backtest,evaluate}",
+                                  help="offline tools (no Redis or ClickHouse needed)")
+    backtest = tools.add_parser(
+        "backtest", help="replay a CSV of metrics through the live detectors",
+        formatter_class=_Formatter,
+        description="Replay per-window metrics from a CSV through the same detectors, in time\n"
+                    "order, and write for every input row: timestamp, endpoint, score, flagged,\n"
+                    "kind. Input: a `timestamp` column (ISO 8601 or epoch seconds), an optional\n"
+                    "`endpoint` column; every other numeric column is a metric (requests,\n"
+                    "error_rate, p95_ms, ... are judged by the gateway's own detectors).",
+        epilog="example:\n  apigw analytics backtest --input history.csv --output scored.csv\n\n"
+               "detector settings come from APIGW_* variables (see docs/analytics.md).")
+    backtest.add_argument("--input", required=True, type=Path, metavar="FILE.csv")
+    backtest.add_argument("--output", type=Path, metavar="OUT.csv",
+                          help="where to write (default: standard output)")
+    backtest.set_defaults(run=_run_backtest)
+    evaluate = tools.add_parser(
+        "evaluate", help="score the detectors on generated labelled traffic",
+        formatter_class=_Formatter,
+        description="Generate labelled per-minute traffic (daily seasonality, many clients,\n"
+                    "injected incidents of every kind and benign look-alikes), run the\n"
+                    "detectors over it and print precision, recall, F1 and detection delay per\n"
+                    "kind, and false alerts per endpoint-week on benign traffic.")
+    evaluate.add_argument("--seed", type=int, default=1, help="scenario seed (default 1)")
+    evaluate.add_argument("--days", type=float, default=8.0,
+                          help="days of traffic (default 8)")
+    evaluate.add_argument("--endpoints", type=int, default=8,
+                          help="routed endpoints (default 8)")
+    evaluate.set_defaults(run=_run_evaluate)
+    return tools
 
 
 def _add_api(sub: Any) -> None:
@@ -373,6 +401,32 @@ def _run_analytics(args: argparse.Namespace) -> int:
     from analytics.service import serve
 
     return int(serve(settings, settings.listen))
+
+
+def _run_backtest(args: argparse.Namespace) -> int:
+    from analytics.backtest import BacktestError, run
+    from analytics.settings import AnalyticsSettings
+
+    settings = _settings(AnalyticsSettings)
+    try:
+        flagged = run(args.input, args.output, settings)
+    except BacktestError as exc:
+        raise UsageError(f"backtest: {exc}") from None
+    if args.output is not None:
+        print(f"wrote {args.output} ({flagged} flagged rows)", file=sys.stderr)
+    return EXIT_OK
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    from analytics.evaluation import evaluate, format_report
+    from analytics.settings import AnalyticsSettings
+
+    if args.days < 2 or args.endpoints < 1:
+        raise UsageError("evaluate: needs --days >= 2 and --endpoints >= 1")
+    settings = _settings(AnalyticsSettings)
+    print(format_report(evaluate(seed=args.seed, days=args.days, endpoints=args.endpoints,
+                                 settings=settings)))
+    return EXIT_OK
 
 
 def _run_api(args: argparse.Namespace) -> int:
@@ -642,7 +696,9 @@ def _run_demo(args: argparse.Namespace) -> int:
         raise UsageError(str(exc)) from None
     stack.add_redis()
     stack.children.append(demo.upstreams_child(stack.probe_host, ports))
-    stack.add_controlplane(demo.controlplane_env(args.interval))
+    # A short shadow period so the tightened limit is enforced within the demo's story.
+    stack.add_controlplane({**demo.controlplane_env(args.interval),
+                            "APIGW_SHADOW_S": os.environ.get("APIGW_SHADOW_S", "30")})
     stack.add_proxy()
     stack.add_dashboard()
     stack.children.append(demo.traffic_child(stack.proxy_url, args.incident_after,
