@@ -143,8 +143,10 @@ class Events(_Strict):
     flush_interval_ms: int = Field(default=200, gt=0, le=60_000)
     buffer_max: int = Field(default=100_000, gt=0, le=10_000_000,
                             description="Events held while Redis is unreachable; then dropped.")
-    stream_maxlen: int = Field(default=1_000_000, gt=0,
-                               description="Approximate bound on the stream's length (entries).")
+    stream_maxlen: int = Field(
+        default=10_000, gt=0,
+        description="Approximate bound on the stream's length in entries (one entry per "
+                    "batch): at most ~460 MB of Redis per 1,000 full entries of 500 events.")
     redact_query_params: list[str] = Field(default_factory=lambda: [
         "api_key", "apikey", "key", "token", "access_token", "id_token", "refresh_token",
         "password", "passwd", "secret", "client_secret", "signature", "sig", "code", "auth"])
