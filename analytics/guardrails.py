@@ -1,6 +1,7 @@
 """Guardrails of automatic tightening: what an automatic limit may be, and when it stays.
 
-- **Floor**: never below legitimate clients' p99 per window x `floor_headroom`.
+- **Floor**: never below legitimate clients' p99 per window x `floor_headroom` (not for a
+  targeted limit: it binds one flagged client only, `match_key`, and expires).
 - **Bounded step**: never below `max_step` x the current automatic (analytics) limit of the
   endpoint, so successive automatic changes at most halve it (default 0.5).
 - **Shadow first**: a new automatic limit is stored in `shadow` mode (the proxy counts
@@ -27,7 +28,7 @@ import time
 from typing import TYPE_CHECKING
 
 from analytics import features
-from analytics.models import Recommendation, RecommendationStatus
+from analytics.models import Recommendation, RecommendationAction, RecommendationStatus
 from analytics.recommend import current_policy
 from analytics.settings import AnalyticsSettings
 from collector.clickhouse import SharedClient
@@ -70,10 +71,15 @@ class Guardrails:
         effective = await self._store.effective(now)
         endpoint_current = current_policy(effective, record.endpoint)
         mine = next((p for p in effective if p.id == proposal.id), None)
-        step_base = mine if mine is not None and mine.mode == Mode.ENFORCE else endpoint_current
+        targeted = record.action == RecommendationAction.TARGETED
+        step_base = mine if mine is not None and mine.mode == Mode.ENFORCE else (
+            None if targeted else endpoint_current)
         limit = proposal.limit
         floor = floor_limit(record, proposal.window_s, s.floor_headroom)
-        if limit < floor:
+        if targeted:
+            notes.append(f"targeted at {record.target_client} only: the legitimate p99 floor "
+                         "does not apply")
+        elif limit < floor:
             notes.append(f"raised {limit} to the legitimate p99 floor {floor}")
             limit = floor
         step = step_limit(step_base, proposal.window_s, s.max_step)

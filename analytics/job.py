@@ -26,17 +26,22 @@ from analytics import features
 from analytics.detectors import severity
 from analytics.guardrails import Guardrails
 from analytics.models import Anomaly, AnomalyKind, Endpoint, Recommendation
+from analytics.multivariate import MultivariateDetector, corroborated
 from analytics.recommend import (
     LimitRecommender,
+    LoosenRule,
     build_recommendation,
+    build_targeted,
+    config_ceiling,
     contributors,
     current_policy,
+    targeted_policy_id,
 )
 from analytics.scoring import detect_all
 from analytics.settings import AnalyticsSettings
 from analytics.writeback import LeaderLease, WriteBack
 from collector.clickhouse import SharedClient
-from proxy.policy import RedisKeys
+from proxy.policy import Policy, RedisKeys
 from proxy.policy_store import PolicyStore
 
 log = logging.getLogger(__name__)
@@ -69,6 +74,9 @@ _METRIC_OF_KIND: Final[dict[AnomalyKind, str | None]] = {
 LIMITABLE: Final = frozenset({AnomalyKind.ERROR_SPIKE, AnomalyKind.CLIENT_DOMINANCE,
                               AnomalyKind.TRAFFIC_SURGE, AnomalyKind.AUTH_FAILURE_BURST,
                               AnomalyKind.ENUMERATION})
+# Kinds whose named contributors get a targeted (per-client, expiring) limit.
+TARGETABLE: Final = frozenset({AnomalyKind.ERROR_SPIKE, AnomalyKind.CLIENT_DOMINANCE,
+                               AnomalyKind.AUTH_FAILURE_BURST, AnomalyKind.ENUMERATION})
 # Status floor of example requests per kind (evidence shows the failing requests).
 _EXAMPLE_STATUS: Final = {AnomalyKind.ERROR_SPIKE: 500, AnomalyKind.AUTH_FAILURE_BURST: 400}
 # Kinds whose examples come from the top contributor rather than from anyone.
@@ -114,6 +122,7 @@ class AnalyticsJob:
         self.writeback = WriteBack(settings, redis, store)
         self.guardrails = Guardrails(settings, self.writeback, store, ch)
         self.writeback.guardrails = self.guardrails
+        self.multivariate = MultivariateDetector(train_windows=settings.lookback_minutes)
 
     def detect(self, frame: pd.DataFrame, since: pd.Timestamp | None = None,
                complete_before: pd.Timestamp | None = None) -> pd.DataFrame:
@@ -184,9 +193,12 @@ class AnalyticsJob:
             return report
         minutes = pd.to_datetime(detections["minute"], utc=True)
         flagged = detections[detections["flagged"].astype(bool) & (minutes >= recent_start)]
-        anomalies, client_frames, flagged_clients = await self._anomalies(flagged, now)
+        mv_scores = await asyncio.to_thread(self._multivariate, frame, flagged, recent_start)
+        anomalies, client_frames, flagged_clients = await self._anomalies(flagged, now,
+                                                                          mv_scores)
         report.anomalies = anomalies
         recommendations = await self._recommend(anomalies, client_frames, flagged_clients, now)
+        recommendations += await self._loosen(frame, flagged, now)
         report.recommendations = recommendations
         report.leader = await self._lead()
         if not report.leader:
@@ -208,7 +220,27 @@ class AnalyticsJob:
                      extra={"leader": await self.lease.holder()})
         return leader
 
+    def _multivariate(self, frame: pd.DataFrame, flagged: pd.DataFrame,
+                      since: pd.Timestamp) -> dict[tuple[str, str, str, int], float]:
+        """IsolationForest scores of the flagged endpoints' recent windows, each endpoint's
+        forest fitted on its windows before `since` (a bounded number of forests a run)."""
+        if flagged.empty:
+            return {}
+        endpoints = {(str(r), str(m), str(h)) for r, m, h in zip(
+            flagged["route_id"], flagged["http_request_method"], flagged["http_route"],
+            strict=True) if r}
+        matched = frame[frame["route_id"] != ""]
+        if not endpoints or matched.empty:
+            return {}
+        scored = self.multivariate.score(matched, since=since, endpoints=endpoints)
+        scored = scored[scored["mv_score"].notna()]
+        return {(str(r), str(m), str(h), int(pd.Timestamp(t).timestamp())): float(v)
+                for t, r, m, h, v in zip(scored["minute"], scored["route_id"],
+                                         scored["http_request_method"], scored["http_route"],
+                                         scored["mv_score"], strict=True)}
+
     async def _anomalies(self, flagged: pd.DataFrame, now: float,
+                         mv_scores: dict[tuple[str, str, str, int], float] | None = None,
                          ) -> tuple[list[Anomaly], dict[Endpoint, pd.DataFrame],
                                     dict[Endpoint, list[str]]]:
         """Anomaly records for the flagged windows, with contributors and examples."""
@@ -263,15 +295,24 @@ class AnalyticsJob:
                 if kind == AnomalyKind.UNDECLARED_ENDPOINT:
                     paths = await features.unmatched_paths(
                         self._ch, endpoint.method, window_start, window_start + 60)
+            level = severity(kind, baseline, observed, float(row["score"]))
+            mv = (mv_scores or {}).get((endpoint.route_id, endpoint.method,
+                                        endpoint.http_route, int(window_start)))
+            text = _summary(kind, endpoint, baseline, observed, int(row["requests"]), top,
+                            paths)
+            if mv is not None:
+                raised = corroborated(level, mv, self.multivariate.threshold)
+                text += (f"; multivariate score {mv:.2f}"
+                         + (f" (corroborates: severity {level} -> {raised})"
+                            if raised != level else ""))
+                level = raised
             anomalies.append(Anomaly(
                 id=anomaly_id(endpoint, kind, window_start), detected_at=now,
                 window_start=window_start, window_end=window_start + 60, endpoint=endpoint,
-                kind=kind, severity=severity(kind, baseline, observed, float(row["score"])),
+                kind=kind, severity=level,
                 score=min(1.0, max(0.0, float(row["score"]))), metric=str(row["metric"]),
                 baseline=baseline, observed=observed, top_clients=top,
-                example_request_ids=request_ids, example_trace_ids=trace_ids,
-                summary=_summary(kind, endpoint, baseline, observed, int(row["requests"]), top,
-                                 paths),
+                example_request_ids=request_ids, example_trace_ids=trace_ids, summary=text,
             ))
         return anomalies, client_frames, flagged_clients
 
@@ -298,9 +339,64 @@ class AnalyticsJob:
                 span_s=s.client_lookback_hours * 3600, now=now)
             if recommendation is None:
                 log.info("no tighter limit to recommend", extra={"endpoint": endpoint.key})
-                continue
-            recommendations.append(recommendation)
+            else:
+                recommendations.append(recommendation)
+            recommendations += self._targeted(endpoint, of_endpoint, frame, recommender,
+                                              effective, now)
         return recommendations
+
+    def _targeted(self, endpoint: Endpoint, anomalies: Sequence[Anomaly], frame: pd.DataFrame,
+                  recommender: LimitRecommender, effective: Sequence[Policy],
+                  now: float) -> list[Recommendation]:
+        """A targeted, expiring limit for each client an anomaly of a TARGETABLE kind names
+        (`recommender` is already fitted without the flagged clients)."""
+        s = self.settings
+        named = [anomaly for anomaly in anomalies if anomaly.kind in TARGETABLE]
+        clients = sorted({client for anomaly in named for client in anomaly.top_clients})
+        by_id = {policy.id: policy for policy in effective}
+        governing = current_policy(effective, endpoint)
+        governing_limit = (governing.limit * recommender.window_s / governing.window_s
+                           if governing is not None and governing.key_by == "client_id"
+                           else None)
+        out: list[Recommendation] = []
+        for client in clients:
+            targeted = build_targeted(
+                endpoint=endpoint, anomalies=named, client=client, client_frame=frame,
+                recommender=recommender, expiry_s=s.auto_expiry_s,
+                span_s=s.client_lookback_hours * 3600, now=now,
+                current=by_id.get(targeted_policy_id(endpoint, client)))
+            if targeted is not None and (governing_limit is None
+                                         or targeted.policy.limit < governing_limit):
+                out.append(targeted)
+        return out
+
+    async def _loosen(self, frame: pd.DataFrame, flagged: pd.DataFrame,
+                      now: float) -> list[Recommendation]:
+        """Looser limits where unflagged clients often hit 429s (recommendation only)."""
+        s = self.settings
+        rule = LoosenRule(recent=s.report_minutes, min_windows=max(3, s.report_minutes // 2),
+                          min_requests=s.min_requests, headroom=s.headroom)
+        until = pd.Timestamp((now // 60) * 60, unit="s", tz="UTC")
+        endpoints = rule.candidates(frame, flagged, until)
+        if not endpoints:
+            return []
+        effective = await self._store.effective(now)
+        clients = await features.client_minutes(
+            self._ch, endpoints, now - s.client_lookback_hours * 3600, now)
+        targeted = {p.match_key for p in effective if p.match_key is not None}
+        out: list[Recommendation] = []
+        for endpoint in endpoints:
+            of_endpoint = clients[(clients["route_id"] == endpoint.route_id)
+                                  & (clients["http_request_method"] == endpoint.method)
+                                  & (clients["http_route"] == endpoint.http_route)]
+            loosened = rule.build(
+                endpoint=endpoint, client_frame=of_endpoint,
+                current=current_policy(effective, endpoint),
+                ceiling=config_ceiling(effective, endpoint), excluded=targeted, until=until,
+                span_s=s.client_lookback_hours * 3600, now=now)
+            if loosened is not None:
+                out.append(loosened)
+        return out
 
     async def _record(self, anomalies: Sequence[Anomaly]) -> int:
         """Insert the anomalies not recorded yet; return how many were inserted."""

@@ -73,6 +73,14 @@ class RecommendationStatus(StrEnum):
     EXPIRED = "expired"
 
 
+class RecommendationAction(StrEnum):
+    """What a recommendation does (added field; records without it are `tighten`)."""
+
+    TIGHTEN = "tighten"  # a per-client limit for every client of the endpoint
+    TARGETED = "targeted"  # a limit for one flagged client (policy.match_key), always expiring
+    LOOSEN = "loosen"  # a looser endpoint limit; never applied automatically
+
+
 class ImpactEstimate(BaseModel):
     """What the proposed limit would have done to the recorded traffic."""
 
@@ -103,3 +111,5 @@ class Recommendation(BaseModel):
     status: RecommendationStatus = RecommendationStatus.PENDING
     status_reason: str = ""
     status_by: str = "analytics"
+    action: RecommendationAction = RecommendationAction.TIGHTEN  # additive, defaulted
+    target_client: str | None = None  # the client of a `targeted` recommendation

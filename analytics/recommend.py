@@ -10,12 +10,18 @@ import hashlib
 import math
 import re
 from collections.abc import Collection, Sequence
-from typing import Final
+from typing import Any, Final, cast
 
 import numpy as np
 import pandas as pd
 
-from analytics.models import Anomaly, Endpoint, ImpactEstimate, Recommendation
+from analytics.models import (
+    Anomaly,
+    Endpoint,
+    ImpactEstimate,
+    Recommendation,
+    RecommendationAction,
+)
 from proxy.policy import Mode, Policy, Source
 
 _UNSAFE_ID_CHARS: Final = re.compile(r"[^A-Za-z0-9._:@/-]")
@@ -27,11 +33,19 @@ def policy_id_for(endpoint: Endpoint) -> str:
     return f"analytics:{route}:{endpoint.method.upper()}"[:200]
 
 
-def recommendation_id(endpoint: Endpoint, window_start: float) -> str:
-    """Deterministic per endpoint and anomaly window, so a re-run updates instead of adding."""
-    digest = hashlib.sha1(f"{endpoint.key}|{int(window_start)}".encode(),
-                          usedforsecurity=False).hexdigest()
+def recommendation_id(endpoint: Endpoint, window_start: float, scope: str = "") -> str:
+    """Deterministic per endpoint and anomaly window (and scope: a targeted client, a
+    loosening), so a re-run updates instead of adding."""
+    text = f"{endpoint.key}|{int(window_start)}" + (f"|{scope}" if scope else "")
+    digest = hashlib.sha1(text.encode(), usedforsecurity=False).hexdigest()
     return f"rec-{digest[:16]}"
+
+
+def targeted_policy_id(endpoint: Endpoint, client: str) -> str:
+    """The id of the analytics policy for one client on one route + method."""
+    digest = hashlib.sha1(client.encode(), usedforsecurity=False).hexdigest()[:8]
+    safe = _UNSAFE_ID_CHARS.sub("_", client)[:60] or "_"
+    return f"{policy_id_for(endpoint)[:120]}:client:{safe}:{digest}"
 
 
 def contributors(client_frame: pd.DataFrame, windows: Collection[pd.Timestamp], *,
@@ -222,3 +236,178 @@ def _rationale(endpoint: Endpoint, anomalies: Sequence[Anomaly], rec: LimitRecom
         "requests) would have been limited.",
     ]
     return " ".join(parts)
+
+
+# --- targeted limits for flagged clients -------------------------------------------------
+
+def build_targeted(*, endpoint: Endpoint, anomalies: Sequence[Anomaly], client: str,
+                   client_frame: pd.DataFrame, recommender: LimitRecommender,
+                   key_by: str = "client_id", expiry_s: float = 3600.0, span_s: float,
+                   now: float, current: Policy | None = None) -> Recommendation | None:
+    """A pending targeted limit for one flagged client of an endpoint, or None.
+
+    `recommender` is fitted on the endpoint's legitimate clients (flagged ones left out):
+    the limit is at most their per-client median per window (at least 1), `match_key` is the
+    client, `expires_at` is always set (now + `expiry_s`), and the impact is the replay of
+    that client's own recorded minutes. `current`: the client's existing targeted policy;
+    None is returned when it is enforced and already at or below the proposal.
+    """
+    of_client = [anomaly for anomaly in anomalies if client in anomaly.top_clients]
+    if not of_client:
+        return None
+    limit = max(1, math.floor(recommender.p50_ * recommender.window_s / 60.0 + 1e-9))
+    if (current is not None and current.mode == Mode.ENFORCE and not current.is_expired(now)
+            and current.limit * recommender.window_s / current.window_s <= limit):
+        return None
+    rows = client_frame[client_frame["client"] == client]
+    impact = simulate_impact(rows, limit * 60.0 / recommender.window_s, [client],
+                             span_s=span_s)
+    kinds = ", ".join(sorted({str(a.kind) for a in of_client}))
+    policy = Policy(
+        id=targeted_policy_id(endpoint, client), route_id=endpoint.route_id,
+        method=endpoint.method, key_by=key_by, match_key=client, limit=limit,
+        window_s=recommender.window_s, mode=Mode.ENFORCE, source=Source.ANALYTICS,
+        expires_at=now + expiry_s, updated_at=now, updated_by="analytics",
+        reason=f"targeted at {client} for {kinds} on {endpoint.method} {endpoint.http_route}")
+    first = min(of_client, key=lambda anomaly: anomaly.window_start)
+    sent = int(rows["requests"].sum()) if len(rows) else 0
+    rationale = (
+        f"{client} is a top contributor of {kinds} on {endpoint.method} {endpoint.http_route} "
+        f"(route {endpoint.route_id}). Legitimate clients (n={recommender.n_clients_}) send "
+        f"p50={recommender.p50_:.3g}/min; targeted limit = max(1, floor(p50)) = {limit}/"
+        f"{recommender.window_s:g}s for {key_by}={client} only, expiring in {expiry_s:g}s. "
+        f"Replay of {span_s / 3600:.3g} h of {client}'s traffic ({sent} requests): "
+        f"{impact.flagged_requests_limited} requests would have been limited; no other "
+        "client is affected.")
+    return Recommendation(
+        id=recommendation_id(endpoint, first.window_start, scope=f"client:{client}"),
+        created_at=now, updated_at=now, endpoint=endpoint,
+        anomaly_ids=sorted({anomaly.id for anomaly in of_client}), policy=policy,
+        current_policy_id=current.id if current else None, rationale=rationale,
+        client_rate_p50=recommender.p50_, client_rate_p90=recommender.p90_,
+        client_rate_p99=recommender.p99_, confidence=recommender.confidence_, impact=impact,
+        flagged_clients=[client], action=RecommendationAction.TARGETED, target_client=client)
+
+
+# --- loosening where well-behaved clients hit 429s ---------------------------------------
+
+class LoosenRule:
+    """When and how much to loosen an endpoint's limit (recommendation only).
+
+    An endpoint qualifies when, in at least `min_windows` of its recent windows (with at
+    least `min_requests` requests each), the 429 share reached `min_share`, none of those
+    windows was flagged, and the 429s are spread: at least `min_clients` unflagged clients
+    got them, none more than `max_client_share` of them (one heavy client being limited is
+    the limit working). New limit = clamp(ceil(p99 of per-client rate x headroom),
+    current + 1, ceil(current x `step`)), and no higher than the config baseline
+    `ceiling` unless the operator approves (then the proposal says so).
+    """
+
+    def __init__(self, *, min_share: float = 0.05, min_windows: int = 5, recent: int = 15,
+                 min_requests: int = 20, min_clients: int = 3, max_client_share: float = 0.5,
+                 step: float = 1.5, headroom: float = 2.0) -> None:
+        self.min_share = min_share
+        self.min_windows = min_windows
+        self.recent = recent
+        self.min_requests = min_requests
+        self.min_clients = min_clients
+        self.max_client_share = max_client_share
+        self.step = step
+        self.headroom = headroom
+
+    def candidates(self, frame: pd.DataFrame, flagged: pd.DataFrame,
+                   until: pd.Timestamp) -> list[Endpoint]:
+        """Endpoints whose recent complete windows before `until` often had 429s and no
+        flagged window. `flagged`: detections (flagged rows) over the same span."""
+        if frame.empty or "rate_limited" not in frame.columns:
+            return []
+        minutes = pd.to_datetime(frame["minute"], utc=True)
+        start = until - pd.Timedelta(minutes=self.recent)
+        recent = frame[(minutes >= start) & (minutes < until) & (frame["route_id"] != "")]
+        requests = pd.to_numeric(recent["requests"], errors="coerce").fillna(0)
+        limited = pd.to_numeric(recent["rate_limited"], errors="coerce").fillna(0)
+        hot = recent[(requests >= self.min_requests)
+                     & (limited >= self.min_share * requests.clip(lower=1))]
+        if hot.empty:
+            return []
+        counts = hot.groupby(["route_id", "http_request_method", "http_route"]).size()
+        noisy: set[tuple[str, str, str]] = set()
+        if not flagged.empty:
+            at = pd.to_datetime(flagged["minute"], utc=True)
+            window = flagged[(at >= start) & (at < until)]
+            noisy = {(str(r), str(m), str(h)) for r, m, h in zip(
+                window["route_id"], window["http_request_method"], window["http_route"],
+                strict=True)}
+        found: list[Endpoint] = []
+        for key, number in counts.items():
+            route, method, template = (str(part) for part in cast(tuple[Any, ...], key))
+            if int(number) >= self.min_windows and (route, method, template) not in noisy:
+                found.append(Endpoint(route_id=route, method=method, http_route=template))
+        return found
+
+    def build(self, *, endpoint: Endpoint, client_frame: pd.DataFrame, current: Policy | None,
+              ceiling: Policy | None, excluded: Collection[str], until: pd.Timestamp,
+              span_s: float, now: float) -> Recommendation | None:
+        """A pending looser limit for the endpoint, or None when the 429s are not spread
+        over well-behaved clients or no comparable client-keyed limit governs them."""
+        if current is None or current.key_by != "client_id" or current.is_quota:
+            return None
+        legit = client_frame[~client_frame["client"].isin(list(excluded))]
+        minutes = pd.to_datetime(legit["minute"], utc=True)
+        recent = legit[(minutes >= until - pd.Timedelta(minutes=self.recent))
+                       & (minutes < until)]
+        per_client = recent.groupby("client")["rate_limited"].sum()
+        per_client = per_client[per_client > 0]
+        total = float(per_client.sum())
+        if (len(per_client) < self.min_clients or total <= 0
+                or float(per_client.max()) / total > self.max_client_share):
+            return None
+        window_s = current.window_s
+        now_limit = current.limit
+        rates = legit.loc[legit["requests"] > 0, "requests"].to_numpy(dtype="float64")
+        p50, p90, p99 = ((float(v) for v in np.percentile(rates, [50, 90, 99]))
+                         if len(rates) else (0.0, 0.0, 0.0))
+        wanted = math.ceil(p99 * window_s / 60.0 * self.headroom - 1e-9)
+        limit = min(max(wanted, now_limit + 1), max(now_limit + 1,
+                                                   math.ceil(now_limit * self.step - 1e-9)))
+        ceiling_limit = (None if ceiling is None
+                         else math.floor(ceiling.limit * window_s / ceiling.window_s + 1e-9))
+        above = ceiling_limit is not None and limit > ceiling_limit
+        if above and ceiling_limit is not None and now_limit < ceiling_limit:
+            limit, above = ceiling_limit, False
+        before = simulate_impact(legit, now_limit * 60.0 / window_s, (), span_s=span_s)
+        after = simulate_impact(legit, limit * 60.0 / window_s, (), span_s=span_s)
+        policy = Policy(
+            id=policy_id_for(endpoint), route_id=endpoint.route_id, method=endpoint.method,
+            key_by="client_id", limit=limit, window_s=window_s, mode=Mode.ENFORCE,
+            source=Source.ANALYTICS, updated_at=now, updated_by="analytics",
+            reason=f"loosened: well-behaved clients hit 429s on {endpoint.method} "
+                   f"{endpoint.http_route}")
+        share = float(recent["rate_limited"].sum()) / max(float(recent["requests"].sum()), 1.0)
+        rationale = (
+            f"{len(per_client)} unflagged clients got {int(total)} 429s in the last "
+            f"{self.recent} min on {endpoint.method} {endpoint.http_route} (route "
+            f"{endpoint.route_id}; 429 share {share:.1%}, no anomaly; largest client "
+            f"{float(per_client.max()) / total:.0%} of them). Per-client rate p50={p50:.3g} "
+            f"p90={p90:.3g} p99={p99:.3g}/min; limit {now_limit} -> {limit}/{window_s:g}s "
+            f"(step at most x{self.step:g}"
+            + (f", config baseline ceiling {ceiling_limit}" if ceiling_limit is not None
+               else "") + "). "
+            + ("ABOVE the config baseline ceiling: needs an operator's approval. "
+               if above else "")
+            + f"Replay of {span_s / 3600:.3g} h: {before.requests_limited} requests of "
+            f"{before.clients_limited} clients limited now, {after.requests_limited} of "
+            f"{after.clients_limited} with the new limit. Never applied automatically.")
+        return Recommendation(
+            id=recommendation_id(endpoint, current.version,
+                                 scope=f"loosen:{current.id}:{current.limit}"),
+            created_at=now, updated_at=now, endpoint=endpoint, policy=policy,
+            current_policy_id=current.id, rationale=rationale, client_rate_p50=p50,
+            client_rate_p90=p90, client_rate_p99=p99,
+            confidence=round((1.0 - math.exp(-len(per_client) / 10.0)), 3), impact=after,
+            action=RecommendationAction.LOOSEN)
+
+
+def config_ceiling(policies: Sequence[Policy], endpoint: Endpoint) -> Policy | None:
+    """The config baseline (source config, enforced, untargeted) governing the endpoint."""
+    return current_policy([p for p in policies if p.source == Source.CONFIG], endpoint)

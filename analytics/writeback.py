@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import redis.asyncio as aioredis
 
-from analytics.models import Recommendation, RecommendationStatus
+from analytics.models import Recommendation, RecommendationAction, RecommendationStatus
 from analytics.settings import AnalyticsSettings, AutoMode
 from proxy.policy import Mode, Policy, RedisKeys, Source
 from proxy.policy_store import AuditRecord, PolicyStore
@@ -133,8 +133,8 @@ class WriteBack:
         """Store the recommendations (created or updated); apply those in auto mode."""
         now = time.time() if now is None else now
         existing = await self.load_all() if recommendations else []
-        pending_by_endpoint = {rec.endpoint.key: rec for rec in existing
-                               if rec.status == RecommendationStatus.PENDING}
+        pending_by_slot = {_slot(rec): rec for rec in existing
+                           if rec.status == RecommendationStatus.PENDING}
         by_id = {rec.id: rec for rec in existing}
         result = WriteResult()
         killed = await self.kill_switch() if recommendations else False
@@ -142,13 +142,16 @@ class WriteBack:
             mode = await self.mode_for(proposal.endpoint.route_id)
             if mode == AutoMode.OFF:
                 continue
-            previous = by_id.get(proposal.id) or pending_by_endpoint.get(proposal.endpoint.key)
+            previous = by_id.get(proposal.id) or pending_by_slot.get(_slot(proposal))
             if previous is not None and previous.status != RecommendationStatus.PENDING:
                 continue  # decided already (applied, dismissed, ...): leave it alone
             record = await self._upsert(proposal, previous, now)
             if previous is None:
                 result.created.append(record.id)
-            if mode == AutoMode.AUTO:
+            if mode == AutoMode.AUTO and proposal.action == RecommendationAction.LOOSEN:
+                log.info("loosening is never automatic: left pending", extra={
+                    "rec_id": record.id})
+            elif mode == AutoMode.AUTO:
                 if killed:
                     log.info("kill switch on: not applying", extra={"rec_id": record.id})
                 else:
@@ -232,10 +235,18 @@ class WriteBack:
         ))
 
 
+def _slot(record: Recommendation) -> tuple[str, str, str]:
+    """What one pending recommendation stands for: endpoint, action and targeted client (a
+    re-run updates the pending record of its slot instead of adding one)."""
+    return (record.endpoint.key, str(record.action), record.target_client or "")
+
+
 def _summary(record: Recommendation | None) -> dict[str, Any] | None:
     if record is None:
         return None
     return {"status": str(record.status), "endpoint": record.endpoint.key,
             "policy_id": record.policy.id, "limit": record.policy.limit,
             "mode": str(record.policy.mode), "version": record.policy.version,
-            "window_s": record.policy.window_s, "confidence": record.confidence}
+            "window_s": record.policy.window_s, "confidence": record.confidence,
+            "action": str(record.action), "target_client": record.target_client,
+            "expires_at": record.policy.expires_at}

@@ -17,7 +17,12 @@ import pytest
 import redis.asyncio as aioredis
 
 from analytics.job import AnalyticsJob, Scheduler
-from analytics.models import AnomalyKind, Recommendation, RecommendationStatus
+from analytics.models import (
+    AnomalyKind,
+    Recommendation,
+    RecommendationAction,
+    RecommendationStatus,
+)
 from analytics.settings import AnalyticsSettings, AutoMode
 from collector.clickhouse import SharedClient
 from collector.consumer import event_columns
@@ -98,9 +103,13 @@ def settings(tmp_path: Path, redis_url: str, **overrides: object) -> AnalyticsSe
                              **overrides)  # type: ignore[arg-type]
 
 
-async def _recommendations(redis: aioredis.Redis) -> list[Recommendation]:
+async def _recommendations(redis: aioredis.Redis,
+                           action: RecommendationAction | None = RecommendationAction.TIGHTEN,
+                           ) -> list[Recommendation]:
+    """Stored recommendations of one action (endpoint-wide by default; None: all)."""
     raw = await redis.hgetall(KEYS.recommendations)
-    return [Recommendation.model_validate_json(value) for value in raw.values()]
+    records = [Recommendation.model_validate_json(value) for value in raw.values()]
+    return [r for r in records if action is None or r.action == action]
 
 
 def _anomaly_rows(ch: SharedClient) -> list[tuple[object, ...]]:
@@ -167,11 +176,31 @@ async def test_spike_flagged_recorded_and_recommended(
     assert audit[0].actor == "analytics"
     assert spike.id in audit[0].evidence
 
+    # the named contributor also gets a targeted, expiring limit of its own
+    [targeted] = await _recommendations(redis_client, RecommendationAction.TARGETED)
+    assert targeted.target_client == "bad"
+    assert targeted.status == RecommendationStatus.PENDING
+    assert targeted.policy.match_key == "bad"
+    assert targeted.policy.key_by == rec.policy.key_by == "client_id"
+    assert targeted.policy.route_id == "orders"
+    assert targeted.policy.method == "GET"
+    assert targeted.policy.limit == 4  # legit p50 is 4/min: at (not above) it
+    assert targeted.policy.expires_at is not None
+    assert targeted.policy.expires_at > report.started_at
+    assert targeted.policy.id != rec.policy.id
+    assert targeted.impact is not None
+    assert targeted.impact.flagged_clients_limited == 1
+    assert targeted.impact.flagged_requests_limited == 150 - 4  # its one minute of 150
+    assert targeted.impact.other_clients_limited == 0
+    assert set(targeted.anomaly_ids) <= {a.id for a in report.anomalies}
+
     again = await job.run_once()  # a re-run neither re-inserts nor duplicates
     assert again.new_anomalies == 0
     assert len(again.anomalies) == len(report.anomalies)
     assert len(await asyncio.to_thread(_anomaly_rows, ch)) == len(rows)
     assert [r.id for r in await _recommendations(redis_client)] == [rec.id]
+    assert [r.id for r in await _recommendations(
+        redis_client, RecommendationAction.TARGETED)] == [targeted.id]
     assert len(await store.audit_log(subject=f"recommendation:{rec.id}")) == 1
     await job.close()
 
@@ -191,8 +220,15 @@ async def test_auto_mode_applies_an_expiring_policy(
     report = await job.run_once()
 
     [rec] = await _recommendations(redis_client)
-    assert report.applied == [rec.id]
+    [targeted] = await _recommendations(redis_client, RecommendationAction.TARGETED)
+    assert sorted(report.applied) == sorted([rec.id, targeted.id])
     assert rec.status == RecommendationStatus.APPLIED
+    assert targeted.status == RecommendationStatus.APPLIED
+    hold = await store.get(targeted.policy.id)
+    assert hold is not None
+    assert (hold.match_key, hold.mode, hold.source) == ("bad", Mode.ENFORCE, Source.ANALYTICS)
+    assert hold.expires_at is not None
+    assert before + 600 <= hold.expires_at <= time.time() + 600
     assert rec.status_by == "analytics"
     policy = await store.get("analytics:orders:GET")
     assert policy is not None
@@ -238,7 +274,7 @@ async def test_off_mode_records_anomalies_but_recommends_nothing(
     job = AnalyticsJob(settings(tmp_path, redis_url, auto_mode="auto"), redis_client, ch, store)
     report = await job.run_once()
     assert report.new_anomalies >= 1
-    assert await _recommendations(redis_client) == []
+    assert await _recommendations(redis_client, None) == []
     assert await store.list() == []
     await job.close()
 
@@ -259,7 +295,7 @@ async def test_only_the_leader_writes(
     assert report.new_anomalies == 0
     assert report.applied == []
     assert await asyncio.to_thread(_anomaly_rows, ch) == []
-    assert await _recommendations(redis_client) == []
+    assert await _recommendations(redis_client, None) == []
     assert await store.list() == []
 
     await leader.close()  # the leader steps down: the follower takes over on its next run
@@ -305,7 +341,10 @@ async def test_tighter_existing_policy_means_no_recommendation(
     job = AnalyticsJob(settings(tmp_path, redis_url), redis_client, ch, store)
     report = await job.run_once()
     assert report.anomalies
-    assert report.recommendations == []
+    # nothing endpoint-wide; the flagged client alone may still get a tighter targeted limit
+    assert [r for r in report.recommendations if r.action != RecommendationAction.TARGETED
+            ] == []
+    assert all(r.policy.limit < 5 for r in report.recommendations)
     await job.close()
 
 
@@ -369,3 +408,76 @@ def test_service_process_serves_runs_and_stops_on_sigterm(
     lines = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
     assert any(line["msg"] == "analytics service stopped" for line in lines)
     assert all(line["component"] == "analytics" for line in lines)
+
+
+def throttled(now: float, limit: int = 10, sent: int = 12) -> list[RequestEvent]:
+    """10 calm minutes on GET /orders/{id}: 10 well-behaved clients each sending `sent`
+    a minute against a per-client limit of `limit` (the rest answered 429)."""
+    events: list[RequestEvent] = []
+    last = (now // 60) * 60 - 60
+    for m in range(10):
+        minute = last - 60 * m
+        for c, client in enumerate(LEGIT):
+            for r in range(sent):
+                events.append(_event(minute + 1 + c * 2 + r * 0.1, ENDPOINTS[0], client,
+                                     429 if r >= limit else 200))
+    return events
+
+
+@pytest.mark.parametrize("current_source", ["config", "analytics"])
+async def test_loosening_when_well_behaved_clients_hit_429s(
+        tmp_path: Path, redis_url: str, redis_client: aioredis.Redis, ch: SharedClient,
+        current_source: str) -> None:
+    now = time.time()
+    await asyncio.to_thread(_insert, ch, throttled(now))
+    store = PolicyStore(redis_client, KEYS)
+    if current_source == "config":  # the config baseline itself is what throttles them
+        await store.put(Policy(id="orders-base", route_id="orders", method="GET", limit=10,
+                               window_s=60), actor="config", reason="seed")
+    else:  # an earlier automatic limit under a generous config ceiling
+        await store.put(Policy(id="orders-base", route_id="orders", method="*", limit=1000,
+                               window_s=60), actor="config", reason="seed")
+        await store.put(Policy(id="analytics:orders:GET", route_id="orders", method="GET",
+                               limit=10, window_s=60, source=Source.ANALYTICS),
+                        actor="analytics", reason="earlier")
+    job = AnalyticsJob(settings(tmp_path, redis_url, auto_mode="auto"), redis_client, ch,
+                       store)
+    report = await job.run_once(now)
+    assert report.anomalies == []
+    [rec] = await _recommendations(redis_client, RecommendationAction.LOOSEN)
+    assert rec.status == RecommendationStatus.PENDING  # even in auto mode
+    assert report.applied == []
+    assert rec.endpoint.route_id == "orders"
+    assert rec.policy.id == "analytics:orders:GET"
+    assert rec.policy.limit == 15  # bounded step: ceil(10 x 1.5), though p99 x 2 = 24
+    assert rec.client_rate_p99 == 12
+    assert rec.impact is not None
+    assert rec.impact.clients_limited == 0  # 12/min fits under 15
+    if current_source == "config":
+        assert rec.current_policy_id == "orders-base"
+        assert "ABOVE the config baseline ceiling" in rec.rationale
+    else:
+        assert rec.current_policy_id == "analytics:orders:GET"
+        assert "ABOVE" not in rec.rationale
+    stored = await store.get("analytics:orders:GET")
+    assert stored is None or stored.limit == 10  # nothing applied
+    again = await job.run_once(now + 1)  # the same condition updates the same record
+    assert again.applied == []
+    assert [r.id for r in await _recommendations(redis_client,
+                                                 RecommendationAction.LOOSEN)] == [rec.id]
+    await job.close()
+
+
+async def test_no_loosening_when_one_heavy_client_gets_the_429s(
+        tmp_path: Path, redis_url: str, redis_client: aioredis.Redis, ch: SharedClient) -> None:
+    now = time.time()
+    events = [e for e in throttled(now, sent=8) if e.client_id != "client-0"]
+    events += [e for e in throttled(now, sent=40) if e.client_id == "client-0"]
+    await asyncio.to_thread(_insert, ch, events)
+    store = PolicyStore(redis_client, KEYS)
+    await store.put(Policy(id="orders-base", route_id="orders", method="GET", limit=10,
+                           window_s=60), actor="config", reason="seed")
+    job = AnalyticsJob(settings(tmp_path, redis_url), redis_client, ch, store)
+    await job.run_once(now)
+    assert await _recommendations(redis_client, RecommendationAction.LOOSEN) == []
+    await job.close()

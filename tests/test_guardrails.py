@@ -19,8 +19,14 @@ import redis.asyncio as aioredis
 
 from analytics.guardrails import floor_limit, step_limit
 from analytics.job import AnalyticsJob
-from analytics.models import Endpoint, ImpactEstimate, Recommendation, RecommendationStatus
-from analytics.recommend import policy_id_for
+from analytics.models import (
+    Endpoint,
+    ImpactEstimate,
+    Recommendation,
+    RecommendationAction,
+    RecommendationStatus,
+)
+from analytics.recommend import policy_id_for, targeted_policy_id
 from analytics.settings import AnalyticsSettings
 from collector.clickhouse import SharedClient
 from collector.consumer import event_columns
@@ -68,6 +74,12 @@ def _recommendation(limit: int = 10, p99: float = 4.0, other_limited: int = 0,
 def _insert(ch: SharedClient, clients: dict[str, tuple[int, int]], outcome: str,
             ts: float | None = None) -> None:
     """Per client (requests, of which `outcome` by the analytics policy), on GET orders."""
+    _insert_for(ch, POLICY_ID, clients, outcome, ts)
+
+
+def _insert_for(ch: SharedClient, policy_id: str, clients: dict[str, tuple[int, int]],
+                outcome: str, ts: float | None = None) -> None:
+    """Per client (requests, of which `outcome` by `policy_id`), on GET orders."""
     ts = time.time() if ts is None else ts
     events = []
     for client, (requests, hit) in clients.items():
@@ -80,7 +92,7 @@ def _insert(ch: SharedClient, clients: dict[str, tuple[int, int]], outcome: str,
                 duration_ms=3.0, route_id="orders", http_route="/orders/{id}",
                 client_id=client, client_address="127.0.0.1",
                 ratelimit_outcome=outcome if limited else "allowed",
-                ratelimit_policy_id=POLICY_ID if limited else "default"))
+                ratelimit_policy_id=policy_id if limited else "default"))
     columns = event_columns([dataclasses.asdict(event) for event in events])
     assert columns is not None
     with ch.lock:
@@ -286,3 +298,69 @@ async def test_changes_by_others_are_left_alone(
     policy = await store.get(POLICY_ID)
     assert policy is not None
     assert policy.limit == 500
+
+
+def _targeted(limit: int = 2, p99: float = 8.0) -> Recommendation:
+    policy = Policy(id=targeted_policy_id(ENDPOINT, "bad"), route_id="orders", method="GET",
+                    key_by="client_id", match_key="bad", limit=limit, window_s=60,
+                    source=Source.ANALYTICS, expires_at=time.time() + 3600)
+    impact = ImpactEstimate(window_s=86_400, clients_limited=1, requests_limited=290,
+                            flagged_clients_limited=1, flagged_requests_limited=290,
+                            other_clients_limited=0, other_requests_limited=0)
+    return Recommendation(id="rec-targeted", endpoint=ENDPOINT, anomaly_ids=["an-1"],
+                          policy=policy, rationale="test", client_rate_p50=2.0,
+                          client_rate_p99=p99, impact=impact, flagged_clients=["bad"],
+                          action=RecommendationAction.TARGETED, target_client="bad")
+
+
+async def test_targeted_limit_is_shadowed_expiring_and_kill_switched(
+        tmp_path: Path, redis_url: str, redis_client: aioredis.Redis, ch: SharedClient) -> None:
+    job, store = _job(tmp_path, redis_url, redis_client, ch, shadow_s=60, auto_expiry_s=900)
+    before = time.time()
+    result = await job.writeback.write([_targeted()], now=before)
+    assert result.applied == ["rec-targeted"]
+    policy = await store.get(targeted_policy_id(ENDPOINT, "bad"))
+    assert policy is not None
+    assert (policy.mode, policy.match_key, policy.source) == (Mode.SHADOW, "bad",
+                                                              Source.ANALYTICS)
+    assert policy.limit == 2  # one flagged client only: the legit p99 floor (8) does not apply
+    assert policy.expires_at == pytest.approx(before + 900)
+    audit = [e.action for e in await store.audit_log(subject="recommendation:rec-targeted")]
+    assert audit == ["recommendation.applied", "recommendation.created"]
+    await asyncio.to_thread(_insert_for, ch, policy.id, {"bad": (300, 290)}, "shadow_limited")
+    await redis_client.set(KEYS.kill_switch, "1")
+    assert await job.guardrails.review(time.time() + 61) == []  # kill switch: stays shadow
+    await redis_client.delete(KEYS.kill_switch)
+    later = time.time() + 61
+    [action] = await job.guardrails.review(later)
+    assert action.startswith("promoted rec-targeted")
+    enforced = await store.get(policy.id)
+    assert enforced is not None
+    assert enforced.mode == Mode.ENFORCE
+    assert enforced.expires_at == pytest.approx(later + 900)
+    # the endpoint-wide policy is untouched: there is none
+    assert await store.get(POLICY_ID) is None
+
+
+async def test_targeted_limit_needs_the_lease(
+        tmp_path: Path, redis_url: str, redis_client: aioredis.Redis, ch: SharedClient) -> None:
+    leader, store = _job(tmp_path, redis_url, redis_client, ch, shadow_s=0)
+    follower, _ = _job(tmp_path, redis_url, redis_client, ch, shadow_s=0)
+    assert await leader.lease.acquire()
+    assert not await follower.lease.acquire()  # the job writes only after acquiring it
+    await leader.lease.release()
+    assert await follower.lease.acquire()
+    await follower.writeback.write([_targeted()], now=time.time())
+    assert (await store.get(targeted_policy_id(ENDPOINT, "bad"))) is not None
+
+
+async def test_loosening_is_never_applied_automatically(
+        tmp_path: Path, redis_url: str, redis_client: aioredis.Redis, ch: SharedClient) -> None:
+    job, store = _job(tmp_path, redis_url, redis_client, ch, shadow_s=0)
+    loosen = _recommendation(limit=30).model_copy(update={
+        "id": "rec-loosen", "action": RecommendationAction.LOOSEN, "flagged_clients": []})
+    result = await job.writeback.write([loosen], now=time.time())
+    assert result.applied == []
+    assert result.created == ["rec-loosen"]
+    assert await store.list() == []
+    assert (await _stored(redis_client, "rec-loosen")).status == RecommendationStatus.PENDING

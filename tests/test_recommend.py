@@ -12,7 +12,9 @@ from analytics.features import CLIENT_MINUTE_COLUMNS
 from analytics.models import Anomaly, AnomalyKind, Endpoint, Severity
 from analytics.recommend import (
     LimitRecommender,
+    LoosenRule,
     build_recommendation,
+    build_targeted,
     contributors,
     policy_id_for,
     recommendation_id,
@@ -185,3 +187,54 @@ def test_policy_id_is_safe_for_odd_route_ids() -> None:
     odd = Endpoint(route_id="my route#1", method="post", http_route="/x")
     assert policy_id_for(odd) == "analytics:my_route_1:POST"
     Policy(id=policy_id_for(odd), limit=1, window_s=1)  # validates
+
+
+def _named(kind: AnomalyKind, top: list[str]) -> Anomaly:
+    return Anomaly(id=f"an-{kind}", detected_at=0, window_start=START.timestamp(),
+                   window_end=START.timestamp() + 60, endpoint=ENDPOINT, kind=kind,
+                   severity=Severity.HIGH, score=0.99, metric="m", baseline=0, observed=1,
+                   top_clients=top)
+
+
+def test_targeted_limit_is_at_the_legit_median_and_always_expires() -> None:
+    frame = client_frame({"a": [2, 4, 6, 4], "b": [4, 4, 4, 4], "bad": [0, 0, 0, 90]})
+    recommender = LimitRecommender().fit(frame, ["bad"])
+    rec = build_targeted(endpoint=ENDPOINT, anomalies=[_named(AnomalyKind.ERROR_SPIKE,
+                                                                ["bad"])],
+                         client="bad", client_frame=frame, recommender=recommender,
+                         expiry_s=600, span_s=86_400, now=1000.0)
+    assert rec is not None
+    assert rec.policy.match_key == "bad"
+    assert rec.policy.limit == 4  # p50 of the legit client-minutes
+    assert rec.policy.expires_at == 1600.0
+    assert rec.impact is not None
+    assert (rec.impact.flagged_requests_limited, rec.impact.other_clients_limited) == (86, 0)
+    # a client no anomaly names gets nothing
+    assert build_targeted(endpoint=ENDPOINT, anomalies=[_named(AnomalyKind.ERROR_SPIKE,
+                                                                 ["bad"])],
+                          client="a", client_frame=frame, recommender=recommender,
+                          span_s=86_400, now=1000.0) is None
+
+
+def test_loosening_steps_up_within_the_config_ceiling() -> None:
+    frame = client_frame({f"c{i}": [14] * 10 for i in range(5)})
+    frame["rate_limited"] = 4
+    rule = LoosenRule()
+    until = START + pd.Timedelta(minutes=10)
+    current = Policy(id="analytics:orders:GET", route_id="orders", method="GET", limit=10,
+                     window_s=60, source=Source.ANALYTICS)
+    ceiling = Policy(id="base", route_id="orders", method="GET", limit=12, window_s=60)
+    rec = rule.build(endpoint=ENDPOINT, client_frame=frame, current=current, ceiling=ceiling,
+                     excluded=(), until=until, span_s=600, now=0.0)
+    assert rec is not None
+    assert rec.policy.limit == 12  # wanted 15 (step x1.5), capped at the config ceiling
+    assert "ABOVE" not in rec.rationale
+    at_ceiling = rule.build(endpoint=ENDPOINT, client_frame=frame, current=ceiling,
+                            ceiling=ceiling, excluded=(), until=until, span_s=600, now=0.0)
+    assert at_ceiling is not None
+    assert at_ceiling.policy.limit == 18  # ceil(12 x 1.5): needs the operator
+    assert "ABOVE the config baseline ceiling" in at_ceiling.rationale
+    # the 429s of one client only: the limit is working, nothing to loosen
+    one = frame.assign(rate_limited=np.where(frame["client"] == "c0", 4, 0))
+    assert rule.build(endpoint=ENDPOINT, client_frame=one, current=current, ceiling=ceiling,
+                      excluded=(), until=until, span_s=600, now=0.0) is None
