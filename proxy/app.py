@@ -7,6 +7,8 @@ hooks (Kong's phases):
             -> cors preflight (proxy/authz.py) -> route (proxy/routing.py)
             -> ip access (proxy/authz.py) -> authn (proxy/auth/step.py)
             -> scopes (proxy/authz.py) -> rate limit (proxy/ratelimit_step.py)
+            -> cache (proxy/cache.py) -> transform (proxy/transform.py)
+            -> aggregate (proxy/aggregate.py, answers aggregation routes)
             -> forward (proxy/forward.py, the terminal step)
 
 `access(ex)` runs in that order; a step that returns a response ends the request there (404,
@@ -33,10 +35,12 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_request import BaseRequest
 
+from proxy.aggregate import AggregateStep
 from proxy.auth.apikeys import ApiKeyVerifier
 from proxy.auth.jwt import JwtVerifier
 from proxy.auth.step import AuthnStep
 from proxy.authz import CorsStep, IpAccessStep, ScopeStep
+from proxy.cache import CacheStep
 from proxy.config import GatewayConfig, config_version
 from proxy.emitter import EventEmitter
 from proxy.event import RequestEvent
@@ -47,8 +51,12 @@ from proxy.policy import RedisKeys
 from proxy.policy_store import PolicyCache, PolicyStore
 from proxy.problem import problem_response
 from proxy.ratelimit_step import RateLimitStep, build_limiter
+from proxy.response_filter import ResponseFilter
 from proxy.routing import MAX_PATH, CompiledRoute, Router, RouteStep
 from proxy.settings import ProxySettings
+from proxy.tls import ServerCertificate
+from proxy.tracing import GatewayTracer, RequestTrace, build_tracer
+from proxy.transform import TransformStep
 
 log = logging.getLogger(__name__)
 wire_log = logging.getLogger("proxy.wire")  # the HTTP server's own messages
@@ -81,8 +89,8 @@ class Exchange:
     """One request on its way through the chain: what steps learn and hand on."""
 
     __slots__ = ("caller", "event", "observed", "path", "query", "raw_segments", "request",
-                 "request_id", "response_headers", "route", "segments", "traceparent",
-                 "trusted_peer")
+                 "request_id", "response_filters", "response_headers", "route", "segments",
+                 "trace", "traceparent", "trusted_peer")
 
     def __init__(self, request: BaseRequest, event: RequestEvent, request_id: str,
                  traceparent: str, path: str, query: str) -> None:
@@ -99,6 +107,8 @@ class Exchange:
         self.trusted_peer = False
         self.response_headers: dict[str, str] = {"X-Request-Id": request_id}
         self.observed = False
+        self.response_filters: list[ResponseFilter] = []  # cache, transform (response phase)
+        self.trace: RequestTrace | None = None  # set only when tracing is on
 
 
 class AccessHook(Protocol):
@@ -166,6 +176,8 @@ class Gateway:
         self._access = tuple(cast(AccessHook, step) for step in self.steps
                              if hasattr(step, "access"))
         self._log = tuple(cast(LogHook, step) for step in self.steps if hasattr(step, "log"))
+        self.tracer: GatewayTracer | None = build_tracer(config.tracing)
+        self.tls = ServerCertificate(config.tls) if config.tls is not None else None
         self._server: web.Server | None = None
         self.started = False
         self.stopping = False
@@ -182,6 +194,9 @@ class Gateway:
             ScopeStep(self.config.auth.realm),
             RateLimitStep(self.policies, self.limiter,
                           legacy_headers=self.config.ratelimit.legacy_headers),
+            *CacheStep.when_used(self.config.routes),
+            *TransformStep.when_used(self.config.routes),
+            *AggregateStep.when_used(self.config.routes, self.forwarder.upstreams),
             self.forwarder,
         ]
 
@@ -206,6 +221,8 @@ class Gateway:
         await self.forwarder.close()
         if self.emitter is not None:
             await self.emitter.stop(timeout_s=timeout_s)
+        if self.tracer is not None:
+            await asyncio.to_thread(self.tracer.shutdown)
 
     @property
     def app(self) -> web.Server:
@@ -245,7 +262,12 @@ class Gateway:
         started = time.perf_counter()
         headers = request.headers
         request_id = request_id_from(headers.get("X-Request-Id"))
-        trace_id, span_id, traceparent = trace_context(headers.get("traceparent"))
+        tracer, trace = self.tracer, None
+        if tracer is None:
+            trace_id, span_id, traceparent = trace_context(headers.get("traceparent"))
+        else:  # the server span's ids are the event's and the propagated trace's
+            trace = tracer.start(request)
+            trace_id, span_id, traceparent = trace.trace_id, trace.span_id, trace.traceparent
         target = request.raw_path
         if not target.startswith("/") and target != "*":
             target = request.rel_url.raw_path_qs  # absolute-form request target
@@ -261,6 +283,7 @@ class Gateway:
                                                    "1.1"),
             user_agent_original=headers.get("User-Agent", "")[:MAX_HEADER_FIELD])
         ex = Exchange(request, event, request_id, traceparent, path, query)
+        ex.trace = trace
         response: web.StreamResponse | None = None
         try:
             for step in self._access:
@@ -308,6 +331,8 @@ class Gateway:
                 except Exception:
                     log.exception("log hook failed", extra={"hook": type(hook).__name__})
             self._emit(event)
+            if trace is not None:
+                trace.end(event)
 
 
 def _discard(event: RequestEvent) -> None:

@@ -17,12 +17,17 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from proxy.aggregate import AggregateConfig, check_aggregate_references
 from proxy.auth.config import Access, Auth, Cors, RouteAuth, RouteAuthz, check_references
 from proxy.balancing import Balancing, Target
+from proxy.cache import CacheConfig
 from proxy.health import HealthCheck, OutlierDetection
 from proxy.limits import RouteLimits
 from proxy.policy import Mode, Policy
 from proxy.resilience import CircuitBreakerConfig, Retry, RouteTimeouts
+from proxy.tls import ListenerTls, UpstreamTls
+from proxy.tracing import TracingConfig
+from proxy.transform import TransformConfig, check_transform_references
 
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _ROUTE_ID = re.compile(r"^[A-Za-z0-9._-]{1,100}$")
@@ -52,6 +57,8 @@ class Upstream(_Strict):
     health_check: HealthCheck | None = None
     outlier_detection: OutlierDetection | None = None
     circuit_breaker: CircuitBreakerConfig | None = None
+    tls: UpstreamTls | None = Field(default=None, description="https targets: verified by "
+                                    "default; ca_file, client cert, verify: false.")
 
     @field_validator("url")
     @classmethod
@@ -102,6 +109,12 @@ class Route(_Strict):
                                                              "no authentication.")
     authz: RouteAuthz | None = Field(default=None, description="Scopes and IP lists.")
     cors: Cors | None = Field(default=None, description="CORS; preflights answered here.")
+    cache: CacheConfig | None = Field(default=None, description="GET/HEAD response cache.")
+    transform: TransformConfig | None = Field(default=None, description="Header, path, "
+                                              "query and JSON body rewriting.")
+    aggregate: AggregateConfig | None = Field(default=None, description="Call several "
+                                              "backends, merge their JSON (`upstream` is "
+                                              "their default upstream).")
 
     @field_validator("id")
     @classmethod
@@ -189,6 +202,8 @@ class GatewayConfig(_Strict):
     ratelimit: RateLimit = Field(default_factory=RateLimit)
     auth: Auth = Field(default_factory=Auth)
     access: Access = Field(default_factory=Access, description="Global IP allow/deny lists.")
+    tls: ListenerTls | None = Field(default=None, description="Terminate TLS on the listener.")
+    tracing: TracingConfig = Field(default_factory=TracingConfig)
 
     @model_validator(mode="after")
     def _references(self) -> GatewayConfig:
@@ -205,6 +220,8 @@ class GatewayConfig(_Strict):
                 raise ValueError(f"ratelimit.policies[{index}].route_id {policy.route_id!r} "
                                  "names no route")
         check_references(self.routes, self.auth)
+        check_transform_references(self.routes)
+        check_aggregate_references(self.routes, self.upstreams)
         return self
 
     def route(self, route_id: str) -> Route | None:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import ssl
 from collections.abc import AsyncIterator, Mapping
 from typing import TYPE_CHECKING, Final
 
@@ -44,6 +45,7 @@ from proxy.limits import BodyTooLarge, RouteLimits, header_bytes
 from proxy.pool import UpstreamPool
 from proxy.problem import problem_response
 from proxy.resilience import RetryPolicy, failure_class, timeout_for
+from proxy.websocket import proxy_websocket, wants_websocket
 
 if TYPE_CHECKING:
     from proxy.app import Exchange
@@ -176,6 +178,9 @@ def classify(exc: BaseException) -> tuple[str, str]:
         return "upstream_connect_timeout", "upstream-timeout"
     if isinstance(exc, asyncio.TimeoutError):  # includes aiohttp's read timeouts
         return "upstream_timeout", "upstream-timeout"
+    if isinstance(exc, aiohttp.ClientSSLError | aiohttp.ServerFingerprintMismatch
+                  | ssl.SSLError):  # handshake or certificate verification (proxy/tls.py)
+        return "upstream_tls_error", "upstream-unreachable"
     if isinstance(exc, aiohttp.ClientConnectorError):
         return "upstream_connect_error", "upstream-unreachable"
     if isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientOSError
@@ -245,6 +250,10 @@ class Forwarder:
             refused = await self._check_limits(ex, plan.limits)
             if refused is not None:
                 return refused
+        if wants_websocket(ex):  # a session, not a request: max_in_flight does not apply
+            suffix = route.upstream_path(ex.raw_segments) + ("?" + ex.query if ex.query else "")
+            return await proxy_websocket(ex, plan.pool, suffix, upstream_request_headers(
+                ex, "", ex.trusted_peer), plan.timeout)
         limit = plan.max_in_flight
         if limit is None:
             return await self._forward(ex, plan)
@@ -341,6 +350,9 @@ class Forwarder:
                     else _counted(request, event, plan.max_body))
             url = URL(ep.base + suffix, encoded=True)
             ep.outstanding += 1
+            trace, span, status, error_type = ex.trace, None, 0, ""
+            if trace is not None:  # a client span per attempt, named in its traceparent
+                span, headers["traceparent"] = trace.client(request.method, url, attempt)
             try:
                 try:
                     response = await pool.session.request(
@@ -383,6 +395,8 @@ class Forwarder:
                     response.release()
             finally:
                 ep.outstanding -= 1
+                if trace is not None and span is not None:
+                    trace.end_client(span, status, error_type)
 
     def _may_retry(self, ex: Exchange, retry: RetryPolicy, failure: str, replayable: bool,
                    pool: UpstreamPool) -> bool:
@@ -416,6 +430,10 @@ class Forwarder:
 
     async def _respond(self, ex: Exchange,
                        upstream: aiohttp.ClientResponse) -> web.StreamResponse:
+        if ex.response_filters:  # cache / transform want the response (response_filter.py)
+            from proxy.response_filter import respond
+
+            return await respond(ex, upstream)
         request = ex.request
         event = ex.event
         status = upstream.status
@@ -428,7 +446,10 @@ class Forwarder:
             await empty.write_eof()
             return empty
         if length is not None and length <= SMALL_BODY:
-            body = await upstream.read()
+            try:
+                body = await upstream.read()
+            except (aiohttp.ClientError, TimeoutError) as exc:  # cut short: 502/504, not 500
+                return await self._failure(ex, exc, classify(exc)[0])
             headers = response_headers(upstream.headers, ex.response_headers, keep_length=False)
             event.http_response_body_size = len(body)
             small = web.Response(status=status, reason=upstream.reason, headers=headers,

@@ -10,6 +10,7 @@ nothing extra per request.
 
 from __future__ import annotations
 
+import ssl
 from typing import TYPE_CHECKING, Final
 
 import aiohttp
@@ -18,6 +19,7 @@ from proxy.balancing import ConsistentHash, Endpoint, make_balancer
 from proxy.config import Upstream
 from proxy.health import HealthChecker, OutlierDetector, publish
 from proxy.resilience import HALF_OPEN, CircuitBreaker
+from proxy.tls import upstream_context
 
 if TYPE_CHECKING:
     from proxy.app import Exchange
@@ -58,7 +60,8 @@ class UpstreamPool:
         config = self.config
         connector = aiohttp.TCPConnector(limit=config.max_connections,
                                          limit_per_host=config.max_connections_per_target,
-                                         keepalive_timeout=config.keepalive_s, ttl_dns_cache=60)
+                                         keepalive_timeout=config.keepalive_s, ttl_dns_cache=60,
+                                         ssl=self.ssl_context())
         self._session = aiohttp.ClientSession(
             connector=connector, cookie_jar=aiohttp.DummyCookieJar(), auto_decompress=False,
             skip_auto_headers=SKIP_AUTO_HEADERS, trust_env=False, read_bufsize=64 * 1024,
@@ -70,6 +73,13 @@ class UpstreamPool:
             self.checker = HealthChecker(self.name, config.health_check, self.endpoints,
                                          self._session)
             self.checker.start()
+
+    def ssl_context(self) -> ssl.SSLContext | bool:
+        """https targets: verified (proxy/tls.py); plain-http pools skip loading CAs."""
+        if self.config.tls is None and not any(ep.base.startswith("https:")
+                                               for ep in self.endpoints):
+            return True
+        return upstream_context(self.config.tls)
 
     async def close(self) -> None:
         if self.checker is not None:

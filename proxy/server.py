@@ -28,6 +28,7 @@ import multiprocessing.connection
 import os
 import shutil
 import signal
+import ssl
 import sys
 import tempfile
 import time
@@ -43,6 +44,7 @@ from apigw.logs import configure
 from proxy.config import ConfigError, GatewayConfig, load_config
 from proxy.reload import watch_interval_s
 from proxy.settings import ProxySettings, parse_listen
+from proxy.tls import TlsError, TlsListener, check_tls, server_context
 
 if TYPE_CHECKING:
     import redis.asyncio as aioredis
@@ -64,6 +66,11 @@ def serve(config_path: Path, settings: ProxySettings) -> int:
     try:
         config = load_config(config_path)
     except ConfigError as exc:
+        print(f"apigw proxy: invalid config\n{exc}", file=sys.stderr)
+        return 2
+    try:
+        check_tls(config)
+    except TlsError as exc:
         print(f"apigw proxy: invalid config\n{exc}", file=sys.stderr)
         return 2
     multiproc_dir = ""
@@ -115,15 +122,17 @@ async def seed_policies(config: GatewayConfig, settings: ProxySettings,
 
 
 async def start_listener(gateway: Gateway | LiveGateway, listen: str, *,
-                         reuse_port: bool = False,
-                         shutdown_grace_s: float = 10.0) -> web.ServerRunner:
-    """Serve the gateway on HOST:PORT; `runner.cleanup()` stops accepting and drains."""
+                         reuse_port: bool = False, shutdown_grace_s: float = 10.0,
+                         ssl_context: ssl.SSLContext | None = None) -> web.ServerRunner:
+    """Serve the gateway on HOST:PORT (over TLS with `ssl_context`); `runner.cleanup()`
+    stops accepting and drains."""
     from aiohttp import web
 
     host, port = parse_listen(listen)
     runner = web.ServerRunner(gateway.app, shutdown_timeout=shutdown_grace_s)
     await runner.setup()
-    site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None, backlog=1024)
+    site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None, backlog=1024,
+                       ssl_context=ssl_context)
     try:
         await site.start()
     except BaseException:
@@ -144,6 +153,20 @@ async def start_admin(app: web.Application, listen: str) -> web.AppRunner:
         await runner.cleanup()
         raise
     return runner
+
+
+def listener_tls(live: LiveGateway) -> ssl.SSLContext | None:
+    """The listener's TLS context (None: plain HTTP); each handshake uses the certificate of
+    the live config, so a reload or a renewed file changes it (proxy/tls.py)."""
+    config = live.config.tls
+    if config is None:
+        return None
+
+    def current() -> ssl.SSLContext | None:
+        tls = live.gateway.tls
+        return tls.current() if tls is not None else None
+
+    return TlsListener(server_context(config), current).context
 
 
 def _watch(live: LiveGateway, interval_s: float,
@@ -176,7 +199,8 @@ async def _serve_gateway(config: GatewayConfig, settings: ProxySettings,
                        drain_s=max(settings.shutdown_grace_s, 1.0))
     try:
         runner = await start_listener(live, settings.listen, reuse_port=reuse_port,
-                                      shutdown_grace_s=settings.shutdown_grace_s)
+                                      shutdown_grace_s=settings.shutdown_grace_s,
+                                      ssl_context=listener_tls(live))
     except OSError as exc:
         log.error("cannot listen", extra={"listen": settings.listen, "error": str(exc)})
         await gateway.stop()
