@@ -90,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_up(sub)
     _add_demo(sub)
     _add_validate(sub)
+    _add_keys(sub)
     return parser
 
 
@@ -312,7 +313,7 @@ def _add_demo(sub: Any) -> None:
         "minutes the dashboard shows the anomaly and a tightened limit, and scraper-7 gets\n"
         "429s while everyone else is served.",
         "examples:\n"
-        "  apigw demo                         fresh state in ./var/demo, incident at T+90s\n"
+        "  apigw demo                         fresh state in ./var/demo, incident at T+150s\n"
         "  apigw demo --incident-after 30     sooner\n"
         "  apigw demo --no-fresh              keep the state of the last run\n\n"
         + _STACK_ENV)
@@ -323,8 +324,9 @@ def _add_demo(sub: Any) -> None:
                         help="wipe the demo data dir first (default: yes)")
     parser.add_argument("--upstream-ports", default="9101,9102,9103", metavar="P1,P2,P3",
                         help="ports of the orders, users and catalog services")
-    parser.add_argument("--incident-after", type=float, default=90.0, metavar="SECONDS",
-                        help="when the incident starts, after the traffic (default 90)")
+    parser.add_argument("--incident-after", type=float, default=150.0, metavar="SECONDS",
+                        help="when the incident starts, after the traffic (default 150: two "
+                             "full minutes of baseline first)")
     parser.add_argument("--duration", type=float, metavar="SECONDS",
                         help="stop the traffic after this long (default: run until Ctrl-C)")
     parser.add_argument("--interval", type=float, default=20.0, metavar="SECONDS",
@@ -344,6 +346,21 @@ def _add_validate(sub: Any) -> None:
         "  ${VAR} and ${VAR:-default} in the file are read from the environment")
     parser.add_argument("configs", nargs="+", type=Path, metavar="CONFIG")
     parser.set_defaults(run=_run_validate)
+
+
+def _add_keys(sub: Any) -> None:
+    from apigw.keys import add_parser
+
+    add_parser(sub, _Formatter, _COMMON_ENV, _run_keys)
+
+
+def _run_keys(args: argparse.Namespace) -> int:
+    from apigw.keys import KeysError, run_keys
+
+    try:
+        return run_keys(args)
+    except KeysError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def _listen_option(parser: argparse.ArgumentParser, default: str) -> None:

@@ -20,7 +20,7 @@ from apigw.redis_server import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 SUBCOMMANDS = ("proxy", "collector", "analytics", "api", "controlplane", "dashboard", "up",
-               "demo", "validate")
+               "demo", "validate", "keys")
 
 VALID = """
 version: 1
@@ -283,6 +283,8 @@ def test_demo_serves_traffic_through_the_gateway_and_stops_cleanly(tmp_path: Pat
     sent, ok = int(report[1]), int(report[2])
     assert sent > 100, report[0]
     assert ok == sent, report[0]  # every route of the demo config reaches a demo service
+    # authenticated clients (JWTs, API keys) are all served; anonymous visitors run alongside
+    assert re.search(r"anonymous\(3\): sent \d+ 2xx \d+ 4xx \d+", text), text[-4000:]
     assert "demo timeline" in text
     assert (data_dir / ".apigw-demo").exists()
     assert process.returncode == 0, text[-4000:]

@@ -15,6 +15,7 @@ from apigw.supervisor import Child, http_probe
 
 ABUSER = "scraper-7"
 INCIDENT_ROUTE = "/orders/{id}"
+STUFFING_AFTER = 120.0  # when the credential-stuffing bot starts (apigw.demo.traffic)
 MARKER = ".apigw-demo"
 DEFAULT_CONFIG = Path("examples/demo.yaml")
 DEFAULT_DATA_DIR = Path("var/demo")
@@ -72,11 +73,16 @@ def story(incident_after: float, interval_s: float, dashboard_url: str | None,
              else f"the API {api_url}/api/v1/anomalies")
     return "\n".join([
         f"demo timeline (T = {at(0)}):",
-        "  T+0s     ~30 clients (client-01..client-30) send normal traffic, ~30 req/s",
+        "  T+0s     ~30 clients (client-01..client-30) send normal traffic, ~30 req/s, "
+        "authenticated (JWTs and API keys); 3 anonymous visitors browse the public catalog",
         f"  T+{incident_after:.0f}s   ({at(incident_after)}) incident: client '{ABUSER}' hammers "
         f"GET {INCIDENT_ROUTE}; the orders service overloads into 5xx",
         f"  by T+{expect:.0f}s ({at(expect)}) expect in {where}: an error_spike anomaly on "
         f"GET {INCIDENT_ROUTE} naming {ABUSER}, an applied recommendation and a tightened "
         f"limit for {ABUSER} (analytics runs every {interval_s:g}s in auto mode)",
         f"  after that: the [traffic] lines show 429s for {ABUSER} only, and 5xx drop back",
+        f"  T+{STUFFING_AFTER:.0f}s  ({at(STUFFING_AFTER)}) credential stuffing: 203.0.113.66 "
+        f"sends "
+        f"bad keys and tokens to GET /users/{{id}}; expect an auth_failure_burst anomaly by "
+        f"T+{STUFFING_AFTER + 60 + interval_s:.0f}s",
     ])

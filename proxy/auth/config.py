@@ -179,6 +179,9 @@ class RouteAuth(_Strict):
     optional: bool = Field(default=False,
                            description="No credential at all is let through anonymous; a "
                                        "bad one is still rejected.")
+    hide_credentials: bool = Field(
+        default=False, description="Strip the Authorization header and the API-key header "
+                                   "and query parameter before forwarding upstream.")
 
 
 class RouteAuthz(_Strict):

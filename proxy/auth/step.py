@@ -7,13 +7,16 @@ API-key store unreachable -> 503. The 401 carries one `WWW-Authenticate` challen
 accepted method (RFC 6750 `Bearer` with `error="invalid_token"` when a token was rejected,
 and `ApiKey` naming the header). The event records auth_outcome / auth_reason and, on
 success, client_id, tenant, plan and api_key_id. Nothing is logged per request; the outcome
-counts go to `apigw_auth_outcomes_total`.
+counts go to `apigw_auth_outcomes_total`. With `hide_credentials` the accepted credential
+headers (Authorization for jwt, the API-key header and query parameter for api_key) are
+removed from what is forwarded upstream.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Final
+from urllib.parse import unquote_plus
 
 import orjson
 from aiohttp import web
@@ -112,7 +115,24 @@ class AuthnStep:
         ex.caller.authenticate(principal)
         _record(ex, principal)
         AUTH_OUTCOMES.labels(method, "success", "").inc()
+        if spec.config.hide_credentials:
+            self._hide(ex, spec)
         return None
+
+    def _hide(self, ex: Exchange, spec: _Route) -> None:
+        """`hide_credentials`: the upstream gets no credential of the route's methods."""
+        drop = set()
+        if "jwt" in spec.methods:
+            drop.add("authorization")
+        if "api_key" in spec.methods:
+            drop.add(self._header.lower())
+            if self._query and ex.query:
+                ex.query = _without_param(ex.query, self._query)
+        headers = ex.request.headers
+        if any(name in headers for name in drop):
+            kept: CIMultiDict[str] = CIMultiDict(
+                (name, value) for name, value in headers.items() if name.lower() not in drop)
+            ex.request = ex.request.clone(headers=kept)  # the body is not read yet
 
     def _credential(self, ex: Exchange, spec: _Route) -> tuple[str, str]:
         """(method, credential) of the first accepted method whose credential is present."""
@@ -165,6 +185,13 @@ class AuthnStep:
                 challenges.append(f'ApiKey realm="{self.realm}", header="{self._header}"')
         return auth_problem(401, "unauthorized", failure.detail, ex.request_id,
                             ex.response_headers, challenges)
+
+
+def _without_param(query: str, name: str) -> str:
+    """The raw query string without any `name=` parameter (names compared decoded)."""
+    kept = [part for part in query.split("&")
+            if unquote_plus(part.partition("=")[0]) != name]
+    return "&".join(kept)
 
 
 def _record(ex: Exchange, principal: Principal) -> None:
