@@ -131,6 +131,9 @@ _COMPARE_HELP = ("Also answer for an earlier window of the same length: prev (th
 
 class EndpointsParams(RangeParams):
     limit: int = Field(default=500, ge=1, le=1000)
+    sparkline: bool = Field(default=False, description=(
+        "Also answer each endpoint's requests per bucket (at most 60 buckets, from "
+        "sparkline_start every sparkline_step_s seconds), all endpoints in one rollup query."))
 
 
 class TimeseriesParams(EndpointParams):
@@ -310,6 +313,8 @@ class EndpointsResponse(BaseModel):
     start: float
     end: float
     endpoints: list[EndpointSummary]
+    sparkline_start: float | None = None  # with sparkline=true: the first bucket's start
+    sparkline_step_s: int | None = None
 
 
 class ClientsResponse(BaseModel):

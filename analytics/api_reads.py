@@ -64,7 +64,16 @@ class Reads:
         params = query_params(request, EndpointsParams)
         rng = params.time_range()
         rows = await self.ctx.queries.endpoints(rng, params.limit)
-        return model_response(EndpointsResponse(start=rng.start, end=rng.end, endpoints=rows))
+        if not params.sparkline:
+            return model_response(EndpointsResponse(start=rng.start, end=rng.end,
+                                                    endpoints=rows))
+        lines = await self.ctx.queries.sparklines(
+            rng, [(row.route_id, row.method, row.http_route) for row in rows])
+        rows = [row.model_copy(update={"sparkline": lines.counts.get(
+            (row.route_id, row.method, row.http_route))}) for row in rows]
+        return model_response(EndpointsResponse(
+            start=rng.start, end=rng.end, endpoints=rows, sparkline_start=lines.start,
+            sparkline_step_s=lines.step_s))
 
     async def timeseries(self, request: web.Request) -> web.Response:
         params = query_params(request, TimeseriesParams)

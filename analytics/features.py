@@ -18,6 +18,7 @@ import pandas as pd
 
 from analytics.models import Endpoint
 from collector.clickhouse import SharedClient
+from collector.schema import DURATION_QUANTILES
 
 ENDPOINT_COLUMNS: Final = ["route_id", "http_request_method", "http_route"]
 ENDPOINT_MINUTE_COLUMNS: Final = [
@@ -35,7 +36,7 @@ _ENDPOINT_MINUTES_SQL: Final = """
 SELECT minute, route_id, http_request_method, http_route,
        sum(requests) AS requests, sum(errors_5xx) AS errors_5xx, sum(errors_4xx) AS errors_4xx,
        sum(rate_limited) AS rate_limited, sum(auth_failures) AS auth_failures,
-       quantilesMerge(0.5, 0.95, 0.99)(duration_q) AS duration_q, uniqMerge(clients) AS clients
+       """ + DURATION_QUANTILES + """ AS latency_q, uniqMerge(clients) AS clients
 FROM events_1m
 WHERE minute >= toDateTime({start:Int64}, 'UTC') AND minute <= toDateTime({end:Int64}, 'UTC')
 GROUP BY minute, route_id, http_request_method, http_route
@@ -158,8 +159,8 @@ async def endpoint_minutes(ch: SharedClient, start: float, end: float) -> pd.Dat
     frame["minute"] = _utc_minutes(frame["minute"])
     for position, name in enumerate(("p50_ms", "p95_ms", "p99_ms")):
         frame[name] = [float(q[position]) if len(q) > position else float("nan")
-                       for q in frame["duration_q"]]
-    frame = frame.drop(columns=["duration_q"])
+                       for q in frame["latency_q"]]
+    frame = frame.drop(columns=["latency_q"])
     for name in ENDPOINT_COLUMNS:
         frame[name] = frame[name].astype(str)
     if top.empty:

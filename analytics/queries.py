@@ -2,7 +2,8 @@
 
 Every value reaches ClickHouse as a bound parameter (`{name:Type}` with `parameters=`); the
 SQL text is assembled only from fixed fragments in this module. Rollup queries aggregate with
-sum / quantilesMerge / uniqMerge and GROUP BY, since rows of one key merge only eventually.
+sum / the latency state merge (collector.schema.DURATION_QUANTILES) / uniqMerge and
+GROUP BY, since rows of one key merge only eventually.
 Raw `events` are read only with a time range on the sort key and a LIMIT.
 """
 
@@ -21,18 +22,20 @@ from pydantic import BaseModel
 
 from analytics.models import Anomaly, AnomalyKind, Endpoint, Severity
 from collector.clickhouse import SharedClient
+from collector.schema import DURATION_QUANTILES
 
 MAX_RANGE_S: Final = 31 * 86_400
 MAX_POINTS: Final = 500
+SPARKLINE_POINTS: Final = 60
 STEPS_S: Final = (60, 120, 300, 600, 900, 1800, 3600, 7200, 10_800, 21_600, 43_200, 86_400)
 _SEVERITY_RANK: Final = {Severity.LOW: 1, Severity.MEDIUM: 2, Severity.HIGH: 3,
                          Severity.CRITICAL: 4}
 
 
-def resolution(duration_s: float) -> int:
-    """The smallest bucket (seconds) that keeps a series of `duration_s` within MAX_POINTS."""
+def resolution(duration_s: float, max_points: int = MAX_POINTS) -> int:
+    """The smallest bucket (seconds) that keeps a series of `duration_s` within max_points."""
     for step in STEPS_S:
-        if math.ceil(duration_s / step) <= MAX_POINTS:
+        if math.ceil(duration_s / step) <= max_points:
             return step
     return STEPS_S[-1]
 
@@ -136,6 +139,15 @@ class EndpointSummary(BaseModel):
     max_severity: Severity | None
     max_score: float
     health: Health
+    # requests per bucket from the response's sparkline_start, every sparkline_step_s seconds
+    # (only when asked for with sparkline=true)
+    sparkline: list[int] | None = None
+
+
+class Sparklines(BaseModel):
+    start: float
+    step_s: int
+    counts: dict[tuple[str, str, str], list[int]]
 
 
 class SeriesPoint(BaseModel):
@@ -244,6 +256,8 @@ _ANOMALY_COLUMNS: Final = (
     "kind, severity, score, metric, baseline, observed, top_clients, example_request_ids, "
     "example_trace_ids, summary")
 
+_ENDPOINT_IN: Final = ("(route_id, http_request_method, http_route) "
+                        "IN {endpoints:Array(Tuple(String, String, String))}")
 _MINUTE_RANGE: Final = ("minute >= toDateTime({start_s:UInt32}, 'UTC')",
                         "minute < toDateTime({end_s:UInt32}, 'UTC')")
 _EVENT_RANGE: Final = ("timestamp >= fromUnixTimestamp64Milli({start_ms:Int64}, 'UTC')",
@@ -333,7 +347,7 @@ class Queries:
             "SELECT route_id, http_request_method, http_route, sum(requests) AS n, "
             "sum(errors_5xx) AS e5, sum(errors_4xx) AS e4, sum(rate_limited) AS rl, "
             "sum(auth_failures) AS af, sum(duration_sum_ms) AS dur, "
-            "quantilesMerge(0.5, 0.95, 0.99)(duration_q) AS q, uniqMerge(clients) AS uc, "
+            f"{DURATION_QUANTILES} AS q, uniqMerge(clients) AS uc, "
             "sumIf(requests, minute = toDateTime({last_minute:UInt32}, 'UTC')) AS last_n "
             f"FROM events_1m WHERE {_where(_MINUTE_RANGE)} "
             "GROUP BY route_id, http_request_method, http_route ORDER BY n DESC "
@@ -353,6 +367,30 @@ class Queries:
             idle = {"route_id": key[0], "http_request_method": key[1], "http_route": key[2]}
             summaries.append(self._summary(idle, row))
         return summaries
+
+    async def sparklines(self, rng: TimeRange,
+                         endpoints: Sequence[tuple[str, str, str]]) -> Sparklines:
+        """Requests per bucket (at most SPARKLINE_POINTS) of each endpoint, in one query."""
+        step = resolution(rng.duration_s, SPARKLINE_POINTS)
+        first = (rng.minute_start // step) * step
+        size = max(1, math.ceil((rng.end - first) / step))
+        counts = {key: [0] * size for key in endpoints}
+        if not endpoints:
+            return Sparklines(start=float(first), step_s=step, counts=counts)
+        params: dict[str, Any] = {**rng.params(), "step": step, "first": first,
+                                  "endpoints": list(endpoints)}
+        rows = await self.rows(
+            "SELECT route_id, http_request_method, http_route, "
+            "intDiv(toUInt32(minute) - {first:UInt32}, {step:UInt32}) AS slot, "
+            "sum(requests) AS n FROM events_1m WHERE "
+            f"{_where([*_MINUTE_RANGE, _ENDPOINT_IN])} "
+            "GROUP BY route_id, http_request_method, http_route, slot", params)
+        for row in rows:
+            series = counts.get((row["route_id"], row["http_request_method"], row["http_route"]))
+            slot = int(row["slot"])
+            if series is not None and 0 <= slot < size:
+                series[slot] = int(row["n"])
+        return Sparklines(start=float(first), step_s=step, counts=counts)
 
     @staticmethod
     def _summary(row: dict[str, Any], flagged: dict[str, Any] | None) -> EndpointSummary:
@@ -398,7 +436,7 @@ class Queries:
             "SELECT intDiv(toUInt32(minute), {step:UInt32}) * {step:UInt32} AS bucket, "
             "sum(requests) AS n, sum(errors_5xx) AS e5, sum(errors_4xx) AS e4, "
             "sum(rate_limited) AS rl, sum(auth_failures) AS af, "
-            "quantilesMerge(0.5, 0.95, 0.99)(duration_q) AS q "
+            f"{DURATION_QUANTILES} AS q "
             f"FROM events_1m WHERE {_where([*_MINUTE_RANGE, *where])} "
             "GROUP BY bucket ORDER BY bucket", params)
         found = {int(row["bucket"]): row for row in rows}

@@ -429,18 +429,20 @@ SELECT
 FROM numbers({n:UInt64})
 """
 
-_ROLLUP = ("SELECT intDiv(toUInt32(minute), {step:UInt32}) * {step:UInt32} AS bucket, "
-           "sum(requests) AS n, sum(errors_5xx) AS e5, sum(errors_4xx) AS e4, "
-           "sum(rate_limited) AS rl, sum(auth_failures) AS af, "
-           "quantilesMerge(0.5, 0.95, 0.99)(duration_q) AS q FROM events_1m "
-           "WHERE minute >= toDateTime({start:UInt32}, 'UTC') "
-           "AND minute < toDateTime({end:UInt32}, 'UTC') {endpoint} "
-           "GROUP BY bucket ORDER BY bucket")
+_BUCKETS = "SELECT intDiv(toUInt32(minute), {step:UInt32}) * {step:UInt32} AS bucket, "
+_ROLLUP_TAIL = (" FROM events_1m WHERE minute >= toDateTime({start:UInt32}, 'UTC') "
+                "AND minute < toDateTime({end:UInt32}, 'UTC') {endpoint} "
+                "GROUP BY bucket ORDER BY bucket")
+_ROLLUP_COUNTS = ("sum(requests) AS n, sum(errors_5xx) AS e5, sum(errors_4xx) AS e4, "
+                  "sum(rate_limited) AS rl, sum(auth_failures) AS af, ")
+# before migration 4: the reservoir `quantiles` state
+_ROLLUP_RESERVOIR = (_BUCKETS + _ROLLUP_COUNTS + "quantilesMerge(0.5, 0.95, 0.99)(duration_q) AS q"
+                     + _ROLLUP_TAIL)
 _RAW = ("SELECT intDiv(toUInt32(toStartOfMinute(timestamp)), {step:UInt32}) * {step:UInt32} "
         "AS bucket, count() AS n, countIf(http_response_status_code >= 500) AS e5, "
         "countIf(http_response_status_code >= 400 AND http_response_status_code < 500) AS e4, "
         "countIf(http_response_status_code = 429) AS rl, countIf(auth_outcome = 'failure') AS af, "
-        "quantiles(0.5, 0.95, 0.99)(duration_ms) AS q FROM events "
+        "{quantiles}(0.5, 0.95, 0.99)(duration_ms) AS q FROM events "
         "WHERE timestamp >= toDateTime({start:UInt32}, 'UTC') "
         "AND timestamp < toDateTime({end:UInt32}, 'UTC') {endpoint} "
         "GROUP BY bucket ORDER BY bucket")
@@ -448,13 +450,54 @@ _ENDPOINT = ("AND route_id = {route:String} AND http_request_method = {method:St
              "AND http_route = {template:String}")
 
 
+def _best_of(ch: Any, sql: str, params: dict[str, Any], rounds: int = 5) -> tuple[float, Any]:
+    result = ch.client.query(sql, parameters=params)  # warm
+    best = float("inf")
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        result = ch.client.query(sql, parameters=params)
+        best = min(best, time.perf_counter() - t0)
+    return best, [tuple(r) for r in result.result_rows]
+
+
+def _refill_rollup(ch: Any) -> None:
+    """Rebuild events_1m from events with the view's current query: the rows the view writes
+    after migration 4 (t-digest state, empty reservoir state)."""
+    select = ch.client.query("SELECT as_select FROM system.tables WHERE database = "
+                             "currentDatabase() AND name = 'events_1m_mv'").result_rows[0][0]
+    columns = [row[0] for row in ch.client.query(
+        "SELECT name FROM system.columns WHERE database = currentDatabase() "
+        "AND table = 'events_1m_mv' ORDER BY position").result_rows]
+    ch.client.command("TRUNCATE TABLE events_1m")
+    ch.client.command(f"INSERT INTO events_1m ({', '.join(columns)}) {select}")
+    ch.client.command("OPTIMIZE TABLE events_1m FINAL")
+
+
+def _column_bytes(ch: Any) -> dict[str, int]:
+    return {str(k): int(v) for k, v in ch.client.query(
+        "SELECT name, data_compressed_bytes FROM system.columns WHERE database = "
+        "currentDatabase() AND table = 'events_1m' "
+        "AND name IN ('duration_q', 'duration_td')").result_rows}
+
+
+def _worst_error(approx: list[Any], exact: list[Any]) -> float:
+    """Largest relative error of any quantile of any bucket."""
+    worst = 0.0
+    for a, e in zip(approx, exact, strict=True):
+        for x, y in zip(a[-1], e[-1], strict=True):
+            worst = max(worst, abs(x - y) / y if y else 0.0)
+    return worst
+
+
 def bench_query(tmp: Path, n: int) -> None:
+    """The time-series query on raw events, on the rollup with the reservoir state (schema
+    before migration 4) and with the t-digest state (after), over the same n events."""
     from collector.clickhouse import SharedClient
-    from collector.schema import migrate
+    from collector.schema import DURATION_QUANTILES, MIGRATIONS, migrate
 
     ch = SharedClient(f"chdb://{tmp / 'query'}")
     try:
-        migrate(ch.client)
+        migrate(ch.client, [m for m in MIGRATIONS if m[0] < 4])
         end = int(time.time()) // 60 * 60
         span = 24 * 3600
         started = time.perf_counter()
@@ -462,36 +505,50 @@ def bench_query(tmp: Path, n: int) -> None:
             "start_ms": (end - span) * 1000, "span_ms": span * 1000, "n": n})
         generated = time.perf_counter() - started
         ch.client.command("OPTIMIZE TABLE events_1m FINAL")
-        sizes = dict(ch.client.query(
+        sizes: dict[str, int] = {str(k): int(v) for k, v in ch.client.query(
             "SELECT table, sum(rows) FROM system.parts WHERE active AND database = "
-            "currentDatabase() GROUP BY table").result_rows)
-        rows = []
+            "currentDatabase() GROUP BY table").result_rows}
         params = {"start": end - span, "end": end, "step": 300, "route": "orders-get",
                   "method": "GET", "template": "/orders/{id}"}
-        for label, endpoint in (("all endpoints, 24 h, 5-min buckets", ""),
-                                ("one endpoint, 24 h, 5-min buckets", _ENDPOINT)):
-            timings = {}
-            results = {}
-            for name, sql in (("rollup", _ROLLUP), ("raw", _RAW)):
-                text = sql.replace("{endpoint}", endpoint)
-                ch.client.query(text, parameters=params)  # warm
-                best = float("inf")
-                for _ in range(5):
-                    t0 = time.perf_counter()
-                    result = ch.client.query(text, parameters=params)
-                    best = min(best, time.perf_counter() - t0)
-                timings[name] = best
-                results[name] = [(r[0], r[1], r[2]) for r in result.result_rows]
-            same = results["rollup"] == results["raw"]
-            rows.append([label, f"{timings['raw'] * 1000:.0f} ms",
-                         f"{timings['rollup'] * 1000:.1f} ms",
-                         f"{timings['raw'] / timings['rollup']:.0f}x",
-                         "yes" if same else "NO"])
+        shapes = (("all endpoints, 24 h, 5-min buckets", ""),
+                  ("one endpoint, 24 h, 5-min buckets", _ENDPOINT))
+        timings: dict[str, dict[str, float]] = {label: {} for label, _ in shapes}
+        results: dict[str, dict[str, Any]] = {label: {} for label, _ in shapes}
+        for label, endpoint in shapes:
+            for name, sql in (("raw", _RAW.replace("{quantiles}", "quantiles")),
+                              ("exact", _RAW.replace("{quantiles}", "quantilesExact")),
+                              ("reservoir", _ROLLUP_RESERVOIR)):
+                timings[label][name], results[label][name] = _best_of(
+                    ch, sql.replace("{endpoint}", endpoint), params,
+                    rounds=1 if name == "exact" else 5)
+        state_bytes = _column_bytes(ch)
+        migrate(ch.client)  # migration 4: the view now writes t-digest states
+        _refill_rollup(ch)
+        tdigest = (_BUCKETS + _ROLLUP_COUNTS + DURATION_QUANTILES + " AS q" + _ROLLUP_TAIL)
+        for label, endpoint in shapes:
+            timings[label]["tdigest"], results[label]["tdigest"] = _best_of(
+                ch, tdigest.replace("{endpoint}", endpoint), params)
+        state_bytes["duration_td"] = _column_bytes(ch)["duration_td"]
     finally:
         ch.close()
+    rows = []
+    for label, _ in shapes:
+        t, r = timings[label], results[label]
+        counts = {name: [row[:3] for row in r[name]] for name in ("raw", "reservoir", "tdigest")}
+        same = counts["raw"] == counts["reservoir"] == counts["tdigest"]
+        rows.append([label, f"{t['raw'] * 1000:.0f} ms", f"{t['reservoir'] * 1000:.1f} ms",
+                     f"{t['tdigest'] * 1000:.1f} ms", f"{t['raw'] / t['tdigest']:.0f}x",
+                     f"{_worst_error(r['reservoir'], r['exact']):.2%}",
+                     f"{_worst_error(r['tdigest'], r['exact']):.2%}",
+                     "yes" if same else "NO"])
     table(f"dashboard time-series query over {n:,} events (generated in {generated:.0f} s; "
           f"events rows {sizes.get('events', 0):,}, events_1m rows {sizes.get('events_1m', 0):,})",
-          ["query", "raw events", "rollup events_1m", "speed-up", "same counts"], rows)
+          ["query", "raw events", "rollup, quantiles state (before)",
+           "rollup, t-digest state (after)", "speed-up raw/after",
+           "worst p50/p95/p99 error before", "after", "same counts"], rows)
+    print(f"\nlatency state on disk (compressed): quantiles {state_bytes.get('duration_q', 0):,} B "
+          f"before; t-digest {state_bytes.get('duration_td', 0):,} B. Errors are "
+          "relative to quantilesExact on raw events, worst bucket and quantile.")
 
 
 # -- main ---------------------------------------------------------------------------------------

@@ -83,8 +83,11 @@ class ApiClient:
             return False
         return True
 
-    def endpoints(self, span: dict[str, Any]) -> list[dict[str, Any]]:
-        return list(self.call("GET", f"{PREFIX}/endpoints", span)["endpoints"])
+    def endpoints(self, span: dict[str, Any], sparkline: bool = False) -> list[dict[str, Any]]:
+        """Endpoint summaries; with sparkline=True each has `sparkline` (requests per bucket,
+        at most 60 buckets), all from one API call."""
+        params = {**span, "sparkline": "true"} if sparkline else span
+        return list(self.call("GET", f"{PREFIX}/endpoints", params)["endpoints"])
 
     def timeseries(self, span: dict[str, Any], route_id: str | None = None,
                    method: str | None = None, route: str | None = None,

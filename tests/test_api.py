@@ -300,6 +300,30 @@ async def test_endpoints_summarise_the_seeded_traffic(live: Live) -> None:
     assert users["mean_ms"] == pytest.approx(3.0)
 
 
+async def test_endpoints_with_sparklines_in_one_call(live: Live, now: float) -> None:
+    plain = await live.ok("GET", "/api/v1/endpoints?minutes=60")
+    assert all(row["sparkline"] is None for row in plain["endpoints"])
+    assert plain["sparkline_step_s"] is None
+
+    body = await live.ok("GET", "/api/v1/endpoints?minutes=60&sparkline=true")
+    assert body["sparkline_step_s"] == 60
+    assert body["sparkline_start"] == (now - 3600) // 60 * 60
+    rows = by_route(body["endpoints"])
+    orders, users = rows["orders"]["sparkline"], rows["users"]["sparkline"]
+    assert len(orders) == len(users) == 61  # [start, end) in minutes, at most 60 + 1 partial
+    assert [n for n in orders if n] == [15] * MINUTES
+    assert sum(users) == 40
+    # the same buckets as the endpoint's own time series
+    series = await live.ok("GET", "/api/v1/endpoints/timeseries?route_id=orders&method=GET"
+                                  "&route=/orders/{id}&minutes=60")
+    assert [p["requests"] for p in series["points"]] == orders
+
+    day = await live.ok("GET", "/api/v1/endpoints?minutes=1440&sparkline=1")
+    assert day["sparkline_step_s"] == 1800
+    assert all(len(row["sparkline"]) <= 61 for row in day["endpoints"])
+    assert sum(by_route(day["endpoints"])["orders"]["sparkline"]) == 150
+
+
 async def test_timeseries_per_minute_and_coarse_for_long_ranges(live: Live, now: float) -> None:
     body = await live.ok("GET", "/api/v1/endpoints/timeseries?route_id=orders&method=GET"
                                 "&route=/orders/{id}&minutes=30")
@@ -398,6 +422,7 @@ async def test_anomalies_with_filters_and_evidence(live: Live) -> None:
 
 @pytest.mark.parametrize(("path", "fragment"), [
     ("/api/v1/endpoints?minutes=60&colour=red", "colour: unknown parameter"),
+    ("/api/v1/endpoints?minutes=60&sparkline=maybe", "sparkline"),
     ("/api/v1/endpoints?minutes=-5", "minutes"),
     ("/api/v1/endpoints?minutes=lots", "minutes"),
     ("/api/v1/endpoints?from=0", "range longer than 31 days"),

@@ -21,7 +21,7 @@ import redis.asyncio as aioredis
 
 from collector.clickhouse import SharedClient, make_client
 from collector.consumer import COLUMNS, Collector, batch_token, build_batch, event_row
-from collector.schema import migrate
+from collector.schema import DURATION_QUANTILES, migrate
 from collector.settings import CollectorSettings
 from proxy.event import EVENT_FIELDS, RequestEvent, encode_batch
 from tests.processes import ManagedProcess, managed
@@ -114,7 +114,7 @@ async def test_events_land_exactly_once_with_consistent_rollups(
             "SELECT client, sum(requests) FROM events_client_1m GROUP BY client").result_rows)
         per_route = ch.client.query(
             "SELECT route_id, http_request_method, http_route, sum(requests), "
-            "quantilesMerge(0.5, 0.95, 0.99)(duration_q), uniqMerge(clients) FROM events_1m "
+            f"{DURATION_QUANTILES}, uniqMerge(clients) FROM events_1m "
             "GROUP BY route_id, http_request_method, http_route ORDER BY route_id, "
             "http_request_method").result_rows
         paths = ch.client.query(

@@ -18,8 +18,6 @@ from dashboard.common import (
     when,
 )
 
-SPARKLINES = 20  # endpoints that get a traffic sparkline (one rollup query each)
-
 
 def rank(endpoints: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Most troubled first: open anomalies, then anomaly score, 5xx rate, p95 latency."""
@@ -30,7 +28,7 @@ def rank(endpoints: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def render(ctx: Context) -> None:
     st.title("Overview")
     span = ctx.span.params()
-    endpoints = rank(ctx.client.endpoints(span))
+    endpoints = rank(ctx.client.endpoints(span, sparkline=True))  # one call, sparklines too
     incidents = sorted(ctx.client.anomalies(span, status="open"),
                        key=lambda a: (SEVERITY_ORDER.get(a["severity"], 9), -a["score"]))
     total = sum(row["requests"] for row in endpoints)
@@ -62,15 +60,12 @@ def render(ctx: Context) -> None:
     if not endpoints:
         st.info("No traffic in this range yet.")
         return
-    sparks = {endpoint_key(row): [p["requests"] for p in ctx.client.timeseries(
-        span, row["route_id"], row["method"], row["http_route"])["points"]]
-        for row in endpoints[:SPARKLINES]}
     st.dataframe(pd.DataFrame([{
         "endpoint": endpoint_key(row), "health": HEALTH_ICON.get(row["health"], row["health"]),
         "score": row["max_score"], "anomalies": row["open_anomalies"],
         "requests": row["requests"], "error rate": row["error_rate"], "p95 ms": row["p95_ms"],
         "429s": row["rate_limited"], "auth failures": row["auth_failures"],
-        "clients": row["clients"], "traffic": sparks.get(endpoint_key(row), []),
+        "clients": row["clients"], "traffic": row.get("sparkline") or [],
         "investigate": link("investigate", endpoint=endpoint_key(row)),
     } for row in endpoints]), hide_index=True, column_config={
         "error rate": st.column_config.NumberColumn(format="percent"),
