@@ -431,13 +431,16 @@ class EnumerationDetector(_TrailingDetector):
     required = ("requests", "top_client_paths")
 
     def __init__(self, *, threshold: float = 0.9, min_requests: int = 20, min_history: int = 2,
-                 max_history: int = 60, min_paths: int = 30, rel_margin: float = 3.0,
-                 spread_floor: float = 3.0, templated_only: bool = True,
-                 z_center: float = 3.0, z_scale: float = 1.0, step_s: float = 60.0) -> None:
+                 max_history: int = 60, min_paths: int = 30, cold_paths: int = 100,
+                 rel_margin: float = 3.0, spread_floor: float = 3.0,
+                 templated_only: bool = True, z_center: float = 3.0, z_scale: float = 1.0,
+                 step_s: float = 60.0) -> None:
+        # Without history a busy but ordinary client (one request a second spread over
+        # random ids) reaches `min_paths` by chance, so a cold start needs far more.
         super().__init__(threshold=threshold, min_requests=min_requests,
                          min_history=min_history, max_history=max_history,
                          abs_margin=float(min_paths) / 2, rel_margin=rel_margin,
-                         spread_floor=spread_floor, cold_threshold=float(min_paths),
+                         spread_floor=spread_floor, cold_threshold=float(cold_paths),
                          z_center=z_center, z_scale=z_scale, step_s=step_s)
         self.min_paths = min_paths
         self.templated_only = templated_only
@@ -527,6 +530,17 @@ class MetricShiftDetector(_TrailingDetector):
                 "z": np.where(cold, -50.0, z), "ok": ok, "history": counts}
 
 
+def log_p95(grid: Grid) -> np.ndarray:
+    """log p95 per window; NaN where a window has no requests or no p95 (cached)."""
+    key = ("log", "p95_ms")
+    if key not in grid.cache:
+        requests = grid.dense("requests", 0.0)
+        p95 = grid.dense("p95_ms")
+        with np.errstate(divide="ignore", invalid="ignore"):
+            grid.cache[key] = np.where((requests > 0) & (p95 > 0), np.log(p95), np.nan)
+    return np.asarray(grid.cache[key])
+
+
 class LatencyRegressionDetector(_Detector):
     """p95 latency far above its robust baseline (median/MAD of log p95 of the preceding
     windows), by at least `rel_margin` x and `abs_margin_ms`. Without history, a p95 above
@@ -549,13 +563,7 @@ class LatencyRegressionDetector(_Detector):
         self.cold_ms = cold_ms
 
     def _judge(self, grid: Grid, e: np.ndarray, t: np.ndarray) -> dict[str, np.ndarray]:
-        key = ("log", "p95_ms")
-        if key not in grid.cache:
-            requests = grid.dense("requests", 0.0)
-            p95 = grid.dense("p95_ms")
-            with np.errstate(divide="ignore", invalid="ignore"):
-                grid.cache[key] = np.where((requests > 0) & (p95 > 0), np.log(p95), np.nan)
-        values = np.asarray(grid.cache[key])
+        values = log_p95(grid)
         observed_log = values[e, t]
         median, mad, counts = robust_stats(history(values, e, t, self.max_history))
         cold = counts < self.min_history

@@ -2,10 +2,12 @@
 
 Alerts are runs of flagged windows of one endpoint and kind (windows at most `merge_gap`
 apart form one alert). An incident is **detected** when an alert of its kind on its endpoint
-overlaps [start, end + grace]; its **delay** is the first flagged window minus its start, in
-windows. An alert is a **true** alert when it overlaps such an interval of an incident of its
-kind; an alert of a kind the incident also legitimately shows (`Incident.also`, e.g. a
-one-client surge is also dominance) counts neither way; any other alert is **false**.
+overlaps [start, end + grace]; its **delay** is the first flagged window minus its start (or
+minus its `onset`, where the label sets one: a slow drift counts from the window it crosses
+the label's threshold), in windows, at least 0. An alert is a **true** alert when it
+overlaps such an interval of an incident of its kind; an alert of a kind the incident also
+legitimately shows (`Incident.also`, e.g. a one-client surge is also dominance) counts
+neither way; any other alert is **false**.
 Precision = true alerts / counted alerts, recall = detected incidents / incidents, F1 their
 harmonic mean; per kind and overall (micro). False alerts per endpoint-week: false alerts /
 (endpoints x weeks). The live job's code path is used: `scoring.detect_all`.
@@ -123,7 +125,7 @@ def score(scenario: Scenario, detections: pd.DataFrame) -> tuple[
                 if number not in detected:
                     detected.add(number)
                     per_kind[kind].detected += 1
-                    per_kind[kind].delays.append(max(0, start - incident.start))
+                    per_kind[kind].delays.append(max(0, start - incident.delay_from))
             elif kind in incident.also:
                 ignored = True
         if matched:

@@ -274,7 +274,8 @@ class AnalyticsJob:
             metric = _METRIC_OF_KIND.get(kind)
             top = [] if metric is None else contributors(
                 client_frames[endpoint], [minute], metric=metric,
-                min_share=s.contributor_min_share, ratio=s.contributor_ratio)
+                min_share=s.contributor_min_share, ratio=s.contributor_ratio,
+                min_count=s.contributor_min_count, top=s.contributor_top)
             blamed = str(row.get("client") or "")
             if kind == AnomalyKind.ENUMERATION and blamed:
                 top = [blamed, *[client for client in top if client != blamed]]
@@ -330,8 +331,7 @@ class AnalyticsJob:
                            and anomaly.kind in LIMITABLE and endpoint.route_id]
             if not of_endpoint:
                 continue
-            recommender = LimitRecommender(headroom=s.headroom, floor=s.limit_floor,
-                                           window_s=s.limit_window_s)
+            recommender = LimitRecommender.from_settings(s)
             recommendation = build_recommendation(
                 endpoint=endpoint, anomalies=of_endpoint, client_frame=frame,
                 flagged_clients=flagged_clients.get(endpoint, []), recommender=recommender,
@@ -374,8 +374,7 @@ class AnalyticsJob:
                       now: float) -> list[Recommendation]:
         """Looser limits where unflagged clients often hit 429s (recommendation only)."""
         s = self.settings
-        rule = LoosenRule(recent=s.report_minutes, min_windows=max(3, s.report_minutes // 2),
-                          min_requests=s.min_requests, headroom=s.headroom)
+        rule = LoosenRule.from_settings(s)
         until = pd.Timestamp((now // 60) * 60, unit="s", tz="UTC")
         endpoints = rule.candidates(frame, flagged, until)
         if not endpoints:

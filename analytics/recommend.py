@@ -22,6 +22,7 @@ from analytics.models import (
     Recommendation,
     RecommendationAction,
 )
+from analytics.settings import AnalyticsSettings
 from proxy.policy import Mode, Policy, Source
 
 _UNSAFE_ID_CHARS: Final = re.compile(r"[^A-Za-z0-9._:@/-]")
@@ -88,6 +89,11 @@ class LimitRecommender:
         self.floor = floor
         self.window_s = window_s
         self.clients_scale = clients_scale
+
+    @classmethod
+    def from_settings(cls, s: AnalyticsSettings) -> LimitRecommender:
+        return cls(headroom=s.headroom, floor=s.limit_floor, window_s=s.limit_window_s,
+                   clients_scale=s.confidence_clients_scale)
 
     def fit(self, client_frame: pd.DataFrame, flagged: Collection[str] = ()) -> LimitRecommender:
         legit = client_frame[~client_frame["client"].isin(list(flagged))]
@@ -305,7 +311,8 @@ class LoosenRule:
 
     def __init__(self, *, min_share: float = 0.05, min_windows: int = 5, recent: int = 15,
                  min_requests: int = 20, min_clients: int = 3, max_client_share: float = 0.5,
-                 step: float = 1.5, headroom: float = 2.0) -> None:
+                 step: float = 1.5, headroom: float = 2.0,
+                 clients_scale: float = 10.0) -> None:
         self.min_share = min_share
         self.min_windows = min_windows
         self.recent = recent
@@ -314,6 +321,17 @@ class LoosenRule:
         self.max_client_share = max_client_share
         self.step = step
         self.headroom = headroom
+        self.clients_scale = clients_scale
+
+    @classmethod
+    def from_settings(cls, s: AnalyticsSettings) -> LoosenRule:
+        """The rule with the `APIGW_LOOSEN_*` settings, judged over `report_minutes`."""
+        return cls(min_share=s.loosen_429_share,
+                   min_windows=s.loosen_min_windows or max(3, s.report_minutes // 2),
+                   recent=s.report_minutes, min_requests=s.min_requests,
+                   min_clients=s.loosen_min_clients,
+                   max_client_share=s.loosen_max_client_share, step=s.loosen_step,
+                   headroom=s.headroom, clients_scale=s.confidence_clients_scale)
 
     def candidates(self, frame: pd.DataFrame, flagged: pd.DataFrame,
                    until: pd.Timestamp) -> list[Endpoint]:
@@ -404,7 +422,8 @@ class LoosenRule:
             created_at=now, updated_at=now, endpoint=endpoint, policy=policy,
             current_policy_id=current.id, rationale=rationale, client_rate_p50=p50,
             client_rate_p90=p90, client_rate_p99=p99,
-            confidence=round((1.0 - math.exp(-len(per_client) / 10.0)), 3), impact=after,
+            confidence=round((1.0 - math.exp(-len(per_client) / self.clients_scale)), 3),
+            impact=after,
             action=RecommendationAction.LOOSEN)
 
 

@@ -17,6 +17,15 @@ traffic_drop (x 0.05-0.35), auth_failure_burst (1-3 clients, 90 % failures, + 0.
 traffic), enumeration (one client, 80-400 distinct ids a minute on a templated route),
 client_dominance (one client takes 60-85 % of the traffic), undeclared_endpoint (one client,
 40-300 requests a minute to an undeclared path).
+Slow drifts and level shifts (scenarios of at least 4 days: in the last day, where three
+previous days give a seasonal profile): every endpoint gets a latency drift - p95 x (1 +
+(F - 1) x minutes since start / ramp), F 2-3, creeping up for 2-4 h until a fix steps it
+back; labelled `latency_regression` with an **onset**: the first window where p95 reaches
+`DRIFT_LABEL_RATIO` (1.5) x the level before the drift and `DRIFT_LABEL_MS` (25 ms) above it
+(the latency detector's margins), 60-120 windows after its start or later; detection delay
+is measured from the onset, not the start. Then a level shift of 2-4 h: even endpoints a
+drop to 50-70 % of the traffic (`traffic_drop`), odd ones 1-2 new clients adding 60-100 %
+(`traffic_surge`, also dominance); onset = start.
 Benign look-alikes: a campaign surge (x 2.5-3 spread over proportionally more clients,
 normal errors and latency), error blips (2-3 errors in a minute), one slow minute-ish wobble
 (p95 x 1.3), and an endpoint that one internal client always dominates.
@@ -53,6 +62,11 @@ ALSO: Final[dict[AnomalyKind, frozenset[str]]] = {
     AnomalyKind.UNDECLARED_ENDPOINT: frozenset(),
 }
 UNMATCHED: Final = ("", "GET", "")
+# A latency drift's onset: the first window where p95 is DRIFT_LABEL_RATIO x its level before
+# the drift and DRIFT_LABEL_MS above it (the latency detector's default margins).
+DRIFT_LABEL_RATIO: Final = 1.5
+DRIFT_LABEL_MS: Final = 25.0
+TAIL_DAYS_FROM: Final = 4  # scenarios this long get drifts and level shifts in the last day
 
 
 @dataclass(frozen=True)
@@ -63,6 +77,11 @@ class Incident:
     end: int  # last window, inclusive
     also: frozenset[str] = field(default_factory=frozenset)
     what: str = ""
+    onset: int | None = None  # the window the label's threshold is crossed (delay from it)
+
+    @property
+    def delay_from(self) -> int:
+        return self.start if self.onset is None else self.onset
 
 
 @dataclass
@@ -137,7 +156,8 @@ def generate(seed: int = 1, days: float = 8.0, endpoints: int = 8) -> Scenario:
         kinds: list[str] = [k for k in ROUTED_KINDS
                             if templated or k != AnomalyKind.ENUMERATION]
         kinds += ["benign_surge", "benign_blip", "benign_wobble"]
-        for kind, begin, duration in _schedule(rng, kinds, minutes, start_after=180):
+        tail = 1440 if days >= TAIL_DAYS_FROM else 0
+        for kind, begin, duration in _schedule(rng, kinds, minutes - tail, start_after=180):
             end = min(begin + duration - 1, minutes - 1)
             window = slice(begin, end + 1)
             what = _inject(rng, columns, kind, window, templated)
@@ -145,6 +165,10 @@ def generate(seed: int = 1, days: float = 8.0, endpoints: int = 8) -> Scenario:
             incidents.append(Incident(kind=label, endpoint=key, start=begin, end=end,
                                       also=ALSO.get(AnomalyKind(label), frozenset())
                                       if label != "benign" else frozenset(), what=what))
+        if tail:
+            incidents += _drift_and_shift(rng, columns, key, minutes - tail,
+                                          shift="drop" if index % 2 == 0 else "surge",
+                                          p95_base=p95_base)
         frames.append(_frame(key, columns))
     frames.append(_unmatched(rng, minutes, incidents))
     frame = pd.concat(frames, ignore_index=True)
@@ -259,6 +283,52 @@ def _inject(rng: np.random.Generator, columns: dict[str, np.ndarray], kind: str,
         columns["p95_ms"][window] *= 1.3
         return "p95 x1.3"
     raise ValueError(f"unknown incident kind {kind!r}")
+
+
+def _drift_and_shift(rng: np.random.Generator, columns: dict[str, np.ndarray],
+                     key: tuple[str, str, str], tail_start: int, shift: str,
+                     p95_base: float) -> list[Incident]:
+    """A slow latency drift, then a level shift ("drop" or "surge"), in the last day."""
+    begin = tail_start + int(rng.integers(30, 151))
+    to_onset = int(rng.integers(60, 121))
+    factor = float(rng.uniform(2.0, 3.0))
+    ramp = to_onset * (factor - 1.0) / (DRIFT_LABEL_RATIO - 1.0)
+    end = begin + to_onset + int(rng.integers(60, 121))
+    steps = np.arange(end + 1 - begin)
+    drift = 1.0 + (factor - 1.0) * steps / ramp
+    columns["p95_ms"][begin:end + 1] *= drift
+    label = max(DRIFT_LABEL_RATIO, 1.0 + DRIFT_LABEL_MS / p95_base)
+    onset = begin + int(np.argmax(drift >= label - 1e-9))
+    out = [Incident(kind=AnomalyKind.LATENCY_REGRESSION, endpoint=key, start=begin, end=end,
+                    onset=onset, what=f"p95 drifting up to x{drift[-1]:.1f} over "
+                                      f"{end + 1 - begin} min (x{label:.2f} at +{onset - begin})")]
+    begin = end + int(rng.integers(200, 301))
+    end = begin + int(rng.integers(120, 241))
+    window = slice(begin, end + 1)
+    requests = columns["requests"][window].copy()
+    if shift == "drop":
+        kept = float(rng.uniform(0.5, 0.7))
+        ratio = rng.binomial(requests.astype("int64"), kept) / np.maximum(requests, 1)
+        for name in ("requests", "errors_5xx", "errors_4xx", "auth_failures",
+                     "top_client_requests"):
+            columns[name][window] = np.round(columns[name][window] * ratio)
+        columns["clients"][window] = np.maximum(1, np.round(columns["clients"][window]
+                                                            * np.sqrt(ratio)))
+        out.append(Incident(kind=AnomalyKind.TRAFFIC_DROP, endpoint=key, start=begin,
+                            end=end, onset=begin,
+                            what=f"level shift: traffic x{kept:.2f} for {end + 1 - begin} min"))
+    else:
+        added = float(rng.uniform(0.6, 1.0))
+        newcomers = int(rng.integers(1, 3))
+        for n in range(newcomers):
+            extra = rng.poisson(requests * added / newcomers).astype("float64")
+            _add_client(columns, window, f"integration-{n}", extra)
+        out.append(Incident(kind=AnomalyKind.TRAFFIC_SURGE, endpoint=key, start=begin,
+                            end=end, onset=begin,
+                            also=ALSO[AnomalyKind.TRAFFIC_SURGE],
+                            what=f"level shift: {newcomers} new clients, traffic "
+                                 f"x{1 + added:.1f} for {end + 1 - begin} min"))
+    return out
 
 
 def _frame(key: tuple[str, str, str], columns: dict[str, np.ndarray]) -> pd.DataFrame:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from analytics.detectors import (
@@ -17,6 +18,7 @@ from analytics.detectors import (
     TrafficDetector,
     UndeclaredEndpointDetector,
 )
+from analytics.drift import LatencyDriftDetector, TrafficShiftDetector
 from analytics.models import AnomalyKind
 from analytics.settings import AnalyticsSettings
 
@@ -40,14 +42,60 @@ def build_detectors(s: AnalyticsSettings, step_s: float = 60.0,
                                  abs_margin=s.auth_failure_abs_margin,
                                  min_count=s.auth_failure_min),
         EnumerationDetector(**common, min_history=s.min_history,
-                            min_paths=s.enumeration_min_paths, templated_only=templated_only),
+                            min_paths=s.enumeration_min_paths,
+                            cold_paths=s.enumeration_cold_paths, templated_only=templated_only),
         LatencyRegressionDetector(**common, rel_margin=s.latency_rel_margin,
                                   abs_margin_ms=s.latency_abs_margin_ms),
         TrafficDetector("surge", **common, season_days=s.season_days,
                         rel_margin=s.traffic_rel_margin),
         TrafficDetector("drop", **common, season_days=s.season_days,
                         rel_margin=s.traffic_rel_margin),
+        *(drift_detectors(s, step_s) if s.drift_detection else []),
     ]
+
+
+def drift_detectors(s: AnalyticsSettings, step_s: float = 60.0) -> list[Any]:
+    """Slow-drift and level-shift detectors (analytics/drift.py): kinds of the detectors
+    above; `detect_all` merges their rows into those kinds' rows."""
+    common: dict[str, Any] = {"threshold": s.score_threshold, "min_requests": s.min_requests,
+                              "max_history": s.history_minutes, "step_s": step_s}
+    shift: dict[str, Any] = {"cusum_windows": s.shift_cusum_windows, "slack": s.shift_slack,
+                             "cusum_threshold": s.shift_threshold,
+                             "min_change": s.shift_min_change, "season_days": s.season_days}
+    return [
+        LatencyDriftDetector(**common, span=s.latency_drift_span,
+                             reference_lag=s.drift_reference_lag,
+                             rel_margin=s.latency_rel_margin,
+                             abs_margin_ms=s.latency_abs_margin_ms),
+        TrafficShiftDetector("surge", **common, **shift),
+        TrafficShiftDetector("drop", **common, **shift),
+    ]
+
+
+def merge_kinds(results: list[pd.DataFrame]) -> list[pd.DataFrame]:
+    """One result per kind: results of the same kind (same rows, same order) are merged row
+    by row - flagged if any flags it; score, metric, baseline, observed, history and client
+    from the flagging result with the highest score, else from the highest score."""
+    by_kind: dict[str, pd.DataFrame] = {}
+    for result in results:
+        kind = str(result["kind"].iloc[0]) if len(result) else ""
+        first = by_kind.get(kind)
+        if first is None:
+            by_kind[kind] = result
+            continue
+        rank_new = result["score"] + 2.0 * result["flagged"].astype(bool)
+        rank_old = first["score"] + 2.0 * first["flagged"].astype(bool)
+        take = (rank_new > rank_old).to_numpy()
+        merged = first.copy()
+        for column in ("score", "flagged", "metric", "baseline", "observed", "history",
+                       "client"):
+            merged[column] = np.where(take, result[column].to_numpy(),
+                                      first[column].to_numpy())
+        merged["flagged"] = merged["flagged"].astype(bool)
+        merged["score"] = merged["score"].astype("float64")
+        merged["history"] = merged["history"].astype("int64")
+        by_kind[kind] = merged
+    return list(by_kind.values())
 
 
 def undeclared_detector(s: AnalyticsSettings, step_s: float = 60.0,
@@ -75,9 +123,10 @@ def detect_all(frame: pd.DataFrame, settings: AnalyticsSettings, *,
     results: list[pd.DataFrame] = []
     if not matched.empty:
         grid = Grid(matched, step_s)
-        results += [detector.detect(matched, since=since, grid=grid)
-                    for detector in build_detectors(settings, step_s, templated_only)
-                    if all(name in matched.columns for name in detector.required)]
+        results += merge_kinds([
+            detector.detect(matched, since=since, grid=grid)
+            for detector in build_detectors(settings, step_s, templated_only)
+            if all(name in matched.columns for name in detector.required)])
     if not unmatched.empty:
         results.append(undeclared_detector(settings, step_s).detect(unmatched, since=since))
     if not results:

@@ -78,6 +78,28 @@ class AnalyticsSettings(CommonSettings):
     traffic_rel_margin: float = Field(default=2.0, gt=1,
                                       description="Surge: requests >= baseline x this; drop: "
                                                   "requests <= baseline / this.")
+    drift_detection: bool = Field(default=True,
+                                  description="Also run the slow-drift (EWMA) and level-shift "
+                                              "(CUSUM) detectors (analytics/drift.py).")
+    latency_drift_span: float = Field(default=5.0, ge=1,
+                                      description="EWMA span (windows) of the smoothed p95 a "
+                                                  "slow drift is judged on.")
+    drift_reference_lag: int = Field(default=120, ge=1,
+                                     description="A slow drift is judged against the p95 of "
+                                                 "history_minutes windows ending this many "
+                                                 "windows back (lookback_minutes must cover "
+                                                 "lag + history_minutes + report_minutes).")
+    shift_cusum_windows: int = Field(default=6, ge=1, le=8,
+                                     description="Windows a level-shift CUSUM adds up (at most "
+                                                 "8: the live job's seasonal slices reach 10 "
+                                                 "min beyond the history).")
+    shift_slack: float = Field(default=1.0, ge=0,
+                               description="CUSUM slack: z up to this adds nothing.")
+    shift_threshold: float = Field(default=6.0, gt=0,
+                                   description="CUSUM value that flags a level shift.")
+    shift_min_change: float = Field(default=0.3, gt=0,
+                                    description="A level shift must move requests by at least "
+                                                "this fraction (log ratio to both baselines).")
     auth_failure_abs_margin: float = Field(default=0.1, ge=0, le=1,
                                            description="Auth failure rate above baseline.")
     auth_failure_min: int = Field(default=10, ge=1,
@@ -85,6 +107,9 @@ class AnalyticsSettings(CommonSettings):
     enumeration_min_paths: int = Field(default=30, ge=2,
                                        description="Least distinct paths one client requested "
                                                    "in a window on a templated endpoint.")
+    enumeration_cold_paths: int = Field(default=100, ge=2,
+                                        description="The same, while the endpoint has no "
+                                                    "history to compare with.")
     undeclared_min_requests: int = Field(default=30, ge=1,
                                          description="Least requests to undeclared paths in a "
                                                      "flagged window.")
@@ -108,6 +133,26 @@ class AnalyticsSettings(CommonSettings):
     rollback_min_requests: int = Field(default=20, ge=1,
                                        description="Unflagged requests needed to judge a "
                                                    "rollback.")
+    contributor_min_count: int = Field(default=3, ge=1,
+                                       description="Least count of the anomaly's metric a "
+                                                   "contributor sent in the anomalous windows.")
+    contributor_top: int = Field(default=10, ge=1,
+                                 description="Contributors named per anomaly, at most.")
+    confidence_clients_scale: float = Field(default=10.0, gt=0,
+                                            description="Confidence = 1 - exp(-clients / this) "
+                                                        "x stability term.")
+    loosen_429_share: float = Field(default=0.05, gt=0, le=1,
+                                    description="Loosen: a window's 429 share must reach this.")
+    loosen_min_windows: int = Field(default=0, ge=0,
+                                    description="Loosen: windows of report_minutes with that "
+                                                "share; 0 = max(3, report_minutes // 2).")
+    loosen_min_clients: int = Field(default=3, ge=1,
+                                    description="Loosen: unflagged clients that got 429s.")
+    loosen_max_client_share: float = Field(default=0.5, gt=0, le=1,
+                                           description="Loosen: no one client may have more "
+                                                       "than this share of the 429s.")
+    loosen_step: float = Field(default=1.5, gt=1,
+                               description="Loosen: new limit at most current x this.")
     examples: int = Field(default=5, ge=0, le=100,
                           description="Example request/trace ids kept per anomaly.")
     listen: str = Field(default="127.0.0.1:9092",

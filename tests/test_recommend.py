@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from analytics.features import CLIENT_MINUTE_COLUMNS
-from analytics.models import Anomaly, AnomalyKind, Endpoint, Severity
+from analytics.models import Anomaly, AnomalyKind, Endpoint, Recommendation, Severity
 from analytics.recommend import (
     LimitRecommender,
     LoosenRule,
@@ -20,6 +20,7 @@ from analytics.recommend import (
     recommendation_id,
     simulate_impact,
 )
+from analytics.settings import AnalyticsSettings
 from proxy.policy import Mode, Policy, Source
 
 START = pd.Timestamp("2026-01-05 00:00", tz="UTC")
@@ -238,3 +239,32 @@ def test_loosening_steps_up_within_the_config_ceiling() -> None:
     one = frame.assign(rate_limited=np.where(frame["client"] == "c0", 4, 0))
     assert rule.build(endpoint=ENDPOINT, client_frame=one, current=current, ceiling=ceiling,
                       excluded=(), until=until, span_s=600, now=0.0) is None
+
+
+def test_loosening_parameters_come_from_the_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("APIGW_LOOSEN_429_SHARE", "0.2")
+    monkeypatch.setenv("APIGW_LOOSEN_STEP", "1.2")
+    monkeypatch.setenv("APIGW_LOOSEN_MIN_CLIENTS", "6")
+    monkeypatch.setenv("APIGW_LOOSEN_MAX_CLIENT_SHARE", "0.4")
+    monkeypatch.setenv("APIGW_CONFIDENCE_CLIENTS_SCALE", "5")
+    settings = AnalyticsSettings(report_minutes=12)
+    rule = LoosenRule.from_settings(settings)
+    assert (rule.min_share, rule.step, rule.min_clients, rule.max_client_share) == (
+        0.2, 1.2, 6, 0.4)
+    assert (rule.recent, rule.min_windows, rule.clients_scale) == (12, 6, 5.0)
+    assert LimitRecommender.from_settings(settings).clients_scale == 5.0
+    # five clients with 429s: not enough for this rule (6), enough for the default one (3)
+    frame = client_frame({f"c{i}": [14] * 10 for i in range(5)})
+    frame["rate_limited"] = 4
+    current = Policy(id="analytics:orders:GET", route_id="orders", method="GET", limit=10,
+                     window_s=60, source=Source.ANALYTICS)
+    until = START + pd.Timedelta(minutes=10)
+
+    def build(with_rule: LoosenRule) -> Recommendation | None:
+        return with_rule.build(endpoint=ENDPOINT, client_frame=frame, current=current,
+                               ceiling=None, excluded=(), until=until, span_s=600, now=0.0)
+
+    assert build(rule) is None
+    loosened = build(LoosenRule.from_settings(AnalyticsSettings(loosen_min_clients=3)))
+    assert loosened is not None
+    assert loosened.policy.limit == 12  # ceil(10 x 1.2): APIGW_LOOSEN_STEP
