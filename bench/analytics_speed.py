@@ -29,14 +29,16 @@ from proxy.policy import RedisKeys
 from proxy.policy_store import PolicyStore
 
 _FILL_1M = """
-INSERT INTO events_1m
+INSERT INTO events_1m (minute, route_id, http_request_method, http_route, requests,
+                       errors_5xx, errors_4xx, rate_limited, auth_failures, unmatched,
+                       bytes_out, duration_sum_ms, duration_td, clients)
 SELECT toDateTime({start:Int64} + (number % {minutes:UInt64}) * 60, 'UTC') AS minute,
        concat('r', toString(intDiv(number, {minutes:UInt64}))) AS route_id, 'GET',
        concat('/r', toString(intDiv(number, {minutes:UInt64})), '/{id}'),
        toUInt64(100 + 50 * sin(number % 1440 / 229.2) + rand() % 20) AS requests,
        toUInt64(rand() % 2), toUInt64(rand() % 3), toUInt64(0), toUInt64(rand() % 2),
        toUInt64(0), toUInt64(requests * 500), toFloat64(requests * 20),
-       arrayReduce('quantilesState(0.5, 0.95, 0.99)',
+       arrayReduce('quantilesTDigestState(0.5, 0.95, 0.99)',
                    [toFloat64(10 + rand() % 5), toFloat64(20 + rand() % 5),
                     toFloat64(30 + rand() % 5)]),
        arrayReduce('uniqState', arrayMap(x -> toString(x), range(20)))
