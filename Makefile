@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TEST_TIMEOUT ?= 300
 PYTEST_ARGS ?=
 
-.PHONY: help bootstrap bootstrap-dev demo up test lint typecheck pytest bench clean
+.PHONY: help bootstrap bootstrap-dev demo up test lint typecheck pytest bench clean soak audit faults
 
 help:
 	@echo "make demo       set up, then run the whole gateway with demo traffic and an incident"
@@ -15,6 +15,9 @@ help:
 	@echo "make lint       ruff check"
 	@echo "make typecheck  mypy (strict) on the packages listed in pyproject.toml"
 	@echo "make bench      the benchmark harness (bench/run.sh)"
+	@echo "make soak       the proxy at 70% of capacity for SOAK_MINUTES (10); fails on >10% growth"
+	@echo "make faults     the fault suite with the issue's full durations (Redis down 30 s, ...)"
+	@echo "make audit      pip-audit over the installed dependencies (needs PyPI's advisory DB)"
 	@echo "make clean      remove caches and the demo's state (var/demo); keeps .venv and var/"
 
 bootstrap:
@@ -44,6 +47,18 @@ pytest:
 bench: bootstrap-dev
 	@if [ -x bench/run.sh ]; then bench/run.sh; \
 	else echo "bench: not yet - bench/run.sh arrives with the benchmark harness (issue 8)"; fi
+
+SOAK_MINUTES ?= 10
+soak: bootstrap-dev
+	$(BIN)/python scripts/soak.py --minutes $(SOAK_MINUTES)
+
+faults: bootstrap-dev
+	APIGW_FAULT_FULL=1 $(BIN)/pytest -q -s -m fault --timeout=900 tests/test_fault_pipeline.py \
+		tests/test_fault_workers.py
+
+audit: bootstrap-dev
+	@$(BIN)/python -m pip_audit --version >/dev/null 2>&1 || $(BIN)/pip install -q pip-audit
+	$(BIN)/python -m pip_audit --progress-spinner off --skip-editable --strict
 
 clean:
 	rm -rf .pytest_cache .mypy_cache .ruff_cache build dist *.egg-info var/demo tests/artifacts
