@@ -98,7 +98,7 @@ def check_aggregate_references(routes: Sequence[Route], upstreams: dict[str, Ups
         config: AggregateConfig | None = route.aggregate
         if config is None:
             continue
-        own = set(_PLACEHOLDER.findall(route.match.path or ""))
+        own = route.match.param_names()
         for number, backend in enumerate(config.backends):
             where = f"routes[{index}].aggregate.backends[{number}]"
             if backend.upstream is not None and backend.upstream not in upstreams:

@@ -24,7 +24,7 @@ from prometheus_client import Counter
 
 from proxy.auth.config import Access, Cors, RouteAuthz
 from proxy.auth.step import auth_problem
-from proxy.routing import PathError, Router, split_path
+from proxy.routing import MatchContext, PathError, Router, split_path
 
 if TYPE_CHECKING:
     from proxy.app import Exchange
@@ -178,12 +178,13 @@ class CorsStep:
         self.router = router
         self._routes: dict[str, _CorsRoute | None] = {}
 
-    def _config(self, method: str, path: str) -> tuple[_CorsRoute | None, str, str]:
+    def _config(self, method: str, path: str,
+                context: MatchContext | None = None) -> tuple[_CorsRoute | None, str, str]:
         try:
             _, decoded = split_path(path)
         except PathError:
             return None, "", ""
-        route = self.router.find(method, decoded)
+        route = self.router.find(method, decoded, context)
         if route is None:
             return None, "", ""
         found = self._routes.get(route.id, False)
@@ -200,7 +201,8 @@ class CorsStep:
         wanted = headers.get("Access-Control-Request-Method")
         preflight = ex.event.http_request_method == "OPTIONS" and wanted is not None
         method = wanted.upper() if preflight and wanted else ex.event.http_request_method
-        cors, route_id, template = self._config(method, ex.path)
+        cors, route_id, template = self._config(method, ex.path,
+                                                MatchContext.of(ex.request, ex.query))
         if cors is None:
             return None
         allowed = cors.origin_headers(origin)

@@ -31,6 +31,10 @@ from proxy.transform import TransformConfig, check_transform_references
 
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _ROUTE_ID = re.compile(r"^[A-Za-z0-9._-]{1,100}$")
+_LABEL = r"[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?"
+_HOST = re.compile(rf"^(\*\.)?{_LABEL}(\.{_LABEL})*$")
+_TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+_PARAM_TYPES = ("str", "int", "uuid", "path")
 _HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
@@ -78,18 +82,81 @@ class Upstream(_Strict):
 
 
 class RouteMatch(_Strict):
-    path: str | None = Field(default=None, description="A template such as /orders/{id}.")
+    path: str | None = Field(default=None, description="A template such as /orders/{id} or "
+                             "/orders/{id:int}; types str (default), int, uuid, and path "
+                             "(last segment only: the rest of the path).")
     prefix: str | None = Field(default=None, description="Matches this path and everything below.")
+    regex: str | None = Field(default=None, max_length=1000, description="A regular expression "
+                              "the whole normalised, decoded path must match (anchored).")
+    template: str | None = Field(default=None, max_length=1000, description="The http_route "
+                                 "recorded for a regex route (default: the regex itself).")
+    hosts: list[str] = Field(default_factory=list, description="Host header: exact "
+                             "(api.example.com) or wildcard (*.example.com); empty = any.")
+    headers: dict[str, str | bool] = Field(default_factory=dict, description="Header "
+                                           "conditions: a string = that exact value, "
+                                           "true = present, false = absent.")
+    query: dict[str, str | bool] = Field(default_factory=dict, description="Query parameter "
+                                         "conditions, as for `headers`.")
+
+    @field_validator("headers", "query", mode="before")
+    @classmethod
+    def _numbers_as_text(cls, value: Any) -> Any:
+        if isinstance(value, dict):  # `X-Api-Version: 2` in YAML means the text "2"
+            return {key: str(item) if isinstance(item, int | float) and
+                    not isinstance(item, bool) else item for key, item in value.items()}
+        return value
+
+    @field_validator("hosts")
+    @classmethod
+    def _host_names(cls, value: list[str]) -> list[str]:
+        hosts = [host.strip().lower().rstrip(".") for host in value]
+        for host in hosts:
+            if not _HOST.match(host):
+                raise ValueError(f"{host!r} is not a host name (or *.domain wildcard)")
+        return hosts
+
+    @field_validator("headers")
+    @classmethod
+    def _header_names(cls, value: dict[str, str | bool]) -> dict[str, str | bool]:
+        for name in value:
+            if not _TOKEN.match(name):
+                raise ValueError(f"{name!r} is not a header name")
+        return value
 
     @model_validator(mode="after")
     def _one_of(self) -> RouteMatch:
-        if (self.path is None) == (self.prefix is None):
-            raise ValueError("set exactly one of `path` or `prefix`")
+        if sum(value is not None for value in (self.path, self.prefix, self.regex)) != 1:
+            raise ValueError("set exactly one of `path`, `prefix` or `regex`")
+        if self.regex is not None:
+            try:
+                re.compile(self.regex)
+            except re.error as exc:
+                raise ValueError(f"`regex` does not compile: {exc}") from None
+            return self
+        if self.template is not None:
+            raise ValueError("`template` names a regex route's http_route; only with `regex`")
         value = self.path if self.path is not None else self.prefix
         assert value is not None
         if not value.startswith("/"):
             raise ValueError("`path`/`prefix` must start with '/'")
+        segments = value.split("/")
+        for index, segment in enumerate(segments):
+            if not (segment.startswith("{") and segment.endswith("}") and len(segment) > 2):
+                continue
+            kind = segment[1:-1].partition(":")[2]
+            if kind and kind not in _PARAM_TYPES:
+                raise ValueError(f"parameter {segment}: unknown type {kind!r} (one of "
+                                 f"{', '.join(_PARAM_TYPES)})")
+            if kind == "path" and (self.prefix is not None or index != len(segments) - 1):
+                raise ValueError(f"parameter {segment}: a path parameter must be the last "
+                                 "segment of a `path`")
         return self
+
+    def param_names(self) -> set[str]:
+        """The names of the path template's parameters (typed or not)."""
+        value = self.path if self.path is not None else self.prefix
+        return {segment[1:-1].partition(":")[0] for segment in (value or "").split("/")
+                if segment.startswith("{") and segment.endswith("}") and len(segment) > 2}
 
 
 class Route(_Strict):
@@ -99,6 +166,8 @@ class Route(_Strict):
                                                         "DELETE", "OPTIONS"])
     upstream: str
     strip_prefix: bool = False
+    priority: int = Field(default=0, ge=-1_000_000, le=1_000_000, description="Higher is "
+                          "tried first, before specificity (docs/data-plane.md).")
     timeouts: RouteTimeouts | None = Field(default=None,
                                            description="Overrides the upstream's timeouts.")
     retry: Retry | None = None
@@ -137,6 +206,8 @@ class Route(_Strict):
         """The route template recorded as `http_route` in events."""
         if self.match.path is not None:
             return self.match.path
+        if self.match.regex is not None:
+            return self.match.template or self.match.regex
         assert self.match.prefix is not None
         return self.match.prefix.rstrip("/") + "/*"
 

@@ -125,11 +125,28 @@ async def start_listener(gateway: Gateway | LiveGateway, listen: str, *,
                          reuse_port: bool = False, shutdown_grace_s: float = 10.0,
                          ssl_context: ssl.SSLContext | None = None) -> web.ServerRunner:
     """Serve the gateway on HOST:PORT (over TLS with `ssl_context`); `runner.cleanup()`
-    stops accepting and drains."""
+    stops accepting and drains. The server is proxy/listener.py's: client timeouts and parser
+    bounds from the gateway's settings, refused requests recorded as events."""
     from aiohttp import web
 
+    from proxy.app import wire_log
+    from proxy.listener import ClientTimeouts, ParserLimits, listener_server
+    from proxy.reload import LiveGateway
+
     host, port = parse_listen(listen)
-    runner = web.ServerRunner(gateway.app, shutdown_timeout=shutdown_grace_s)
+    settings = gateway.settings
+
+    def current() -> Gateway:  # the live one across reloads: rejections are its events
+        return gateway.gateway if isinstance(gateway, LiveGateway) else gateway
+
+    server = listener_server(
+        current, gateway.handle,
+        ClientTimeouts(settings.client_header_timeout_s, settings.client_body_timeout_s,
+                       settings.keepalive_timeout_s),
+        ParserLimits(settings.max_request_line_bytes, settings.max_header_field_bytes,
+                     settings.max_header_fields),
+        access_log=None, auto_decompress=False, logger=wire_log)
+    runner = web.ServerRunner(server, shutdown_timeout=shutdown_grace_s)
     await runner.setup()
     site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None, backlog=1024,
                        ssl_context=ssl_context)

@@ -35,6 +35,23 @@ class ProxySettings(CommonSettings):
     redis_pool_wait_s: float = Field(
         default=2.0, gt=0, le=60,
         description="Longest wait for a free Redis connection before the command fails.")
+    client_header_timeout_s: float = Field(
+        default=10.0, ge=0, le=3600,
+        description="A connection must send a complete request head this long after it opens "
+                    "or starts its next request: else 408 (bytes arrived) or close (0 = off).")
+    client_body_timeout_s: float = Field(
+        default=30.0, ge=0, le=3600,
+        description="Longest pause between reads of a request body before it fails (0 = off).")
+    keepalive_timeout_s: float = Field(
+        default=75.0, gt=0, le=3600, description="Idle keep-alive connections close after this.")
+    max_request_line_bytes: int = Field(
+        default=8190, ge=1024, le=1_048_576,
+        description="Longest request line the parser reads; longer is 414.")
+    max_header_field_bytes: int = Field(
+        default=8190, ge=1024, le=1_048_576,
+        description="Longest header field (name + value); longer is 431.")
+    max_header_fields: int = Field(default=128, ge=16, le=10_000,
+                                   description="Most header fields; more is 431.")
 
     _default_instance: bool = PrivateAttr(default=False)
 

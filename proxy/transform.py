@@ -127,7 +127,7 @@ def check_transform_references(routes: Sequence[Route]) -> None:
         transform: TransformConfig | None = route.transform
         if transform is None or transform.request.path is None:
             continue
-        own = set(_PLACEHOLDER.findall(route.match.path or ""))
+        own = route.match.param_names()
         used = set(_PLACEHOLDER.findall(transform.request.path))
         if used - own:
             raise ValueError(f"routes[{index}].transform.request.path uses "

@@ -7,26 +7,44 @@ import re
 import time
 from typing import Any
 
+import aiohttp
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from multidict import CIMultiDict
+from pydantic import ValidationError
 
-from proxy.config import Route
-from proxy.routing import PathError, Router, split_path
+from proxy.config import Route, RouteMatch
+from proxy.routing import CompiledRoute, MatchContext, PathError, Router, normal_host, split_path
+from tests import test_proxy as _proxy_tests
+from tests.test_proxy import GatewayFactory, make_config, read_events
+
+client = _proxy_tests.client  # fixtures
+start_gateway = _proxy_tests.start_gateway
+upstream = _proxy_tests.upstream
 
 
 def route(route_id: str, *, path: str | None = None, prefix: str | None = None,
-          methods: list[str] | None = None, strip_prefix: bool = False) -> Route:
-    match = {"path": path} if path is not None else {"prefix": prefix}
+          methods: list[str] | None = None, strip_prefix: bool = False,
+          priority: int = 0, **match: Any) -> Route:
+    if path is not None:
+        match["path"] = path
+    if prefix is not None:
+        match["prefix"] = prefix
     data: dict[str, Any] = {"id": route_id, "match": match, "upstream": "app",
-                            "strip_prefix": strip_prefix}
+                            "strip_prefix": strip_prefix, "priority": priority}
     if methods is not None:
         data["methods"] = methods
     return Route.model_validate(data)
 
 
-def find(router: Router, method: str, path: str) -> str | None:
-    found = router.find(method, split_path(path)[1])
+def context(host: str = "", headers: dict[str, str] | None = None,
+            query: str = "") -> MatchContext:
+    return MatchContext(host, CIMultiDict(headers or {}), query)
+
+
+def find(router: Router, method: str, path: str, ctx: MatchContext | None = None) -> str | None:
+    found = router.find(method, split_path(path)[1], ctx)
     return found.id if found else None
 
 
@@ -207,3 +225,222 @@ def test_router_agrees_with_reference(specs: list[tuple[str, str, list[str]]], p
     expected, allowed = _reference(routes, method, path)
     assert find(router, method, path) == expected
     assert router.allowed_methods(split_path(path)[1]) == allowed
+
+
+# --- typed parameters, regex, host, headers, query, priority ---------------------------------
+
+def test_typed_parameters() -> None:
+    uuid = "0f8fad5b-d9cb-469f-a165-70867728950e"
+    router = Router([route("by-int", path="/orders/{id:int}"),
+                     route("by-uuid", path="/orders/{id:uuid}"),
+                     route("by-name", path="/orders/{name}"),
+                     route("files", path="/files/{rest:path}"),
+                     route("file-one", path="/files/{name:str}")])
+    assert find(router, "GET", "/orders/42") == "by-int"
+    assert find(router, "GET", f"/orders/{uuid}") == "by-uuid"
+    assert find(router, "GET", f"/orders/{uuid.upper()}") == "by-uuid"
+    assert find(router, "GET", "/orders/4x2") == "by-name"
+    assert find(router, "GET", "/orders/%C2%B2") == "by-name"  # a unicode digit is no int
+    assert find(router, "GET", "/files/a") == "file-one"  # one segment beats {x:path}
+    assert find(router, "GET", "/files/a/b/c.txt") == "files"
+    assert find(router, "GET", "/files/a/") == "files"
+    assert find(router, "GET", "/files/") is None
+    assert find(router, "GET", "/files") is None
+    files = router.find("GET", ["files", "a", "b"])
+    assert files is not None
+    assert files.path_params(["files", "a%20x", "b"]) == {"rest": "a%20x/b"}
+    assert files.template == "/files/{rest:path}"
+    only_int = Router([route("by-int", path="/orders/{id:int}", methods=["GET"])])
+    assert only_int.allowed_methods(["orders", "x"]) == []  # 404, not 405
+    assert only_int.allowed_methods(["orders", "7"]) == ["GET", "HEAD"]
+
+
+def test_regex_routes_are_anchored_and_name_their_template() -> None:
+    router = Router([route("items", regex="^/v[0-9]+/items$", template="/v{n}/items"),
+                     route("bare", regex="/raw/[a-z]+"),
+                     route("either", regex="/alt|/other"),
+                     route("v1-items", path="/v1/items")])
+    assert find(router, "GET", "/v2/items") == "items"
+    assert find(router, "GET", "/v1/items") == "v1-items"  # a whole-path match beats a regex
+    assert find(router, "GET", "/v2/items/x") is None
+    assert find(router, "GET", "/x/v2/items") is None
+    assert find(router, "GET", "/raw/abc") == "bare"
+    assert find(router, "GET", "/raw/abc/d") is None  # anchored without ^ and $
+    assert find(router, "GET", "/other") == "either"
+    assert find(router, "GET", "/v%32/items") == "items"  # matched on the decoded path
+    assert [compiled.template for compiled in router.routes[:2]] == ["/v{n}/items",
+                                                                     "/raw/[a-z]+"]
+
+
+def test_hosts_exact_and_wildcard() -> None:
+    router = Router([route("any", prefix="/"),
+                     route("wild", prefix="/", hosts=["*.example.com"]),
+                     route("deep-wild", prefix="/", hosts=["*.eu.example.com"]),
+                     route("api", prefix="/", hosts=["api.example.com", "API2.example.com."])])
+    assert find(router, "GET", "/x", context("api.example.com")) == "api"
+    assert find(router, "GET", "/x", context("API.Example.COM:8443")) == "api"
+    assert find(router, "GET", "/x", context("api2.example.com")) == "api"
+    assert find(router, "GET", "/x", context("shop.example.com")) == "wild"
+    assert find(router, "GET", "/x", context("a.b.example.com")) == "wild"
+    assert find(router, "GET", "/x", context("a.eu.example.com")) == "deep-wild"
+    assert find(router, "GET", "/x", context("example.com")) == "any"
+    assert find(router, "GET", "/x", context("")) == "any"
+    assert find(router, "GET", "/x") == "any"  # no context: conditional routes don't apply
+    assert normal_host("[::1]:8080") == "[::1]"
+    assert normal_host("Host.Example.:80") == "host.example"
+
+
+def test_host_route_beats_a_more_specific_path_elsewhere() -> None:
+    router = Router([route("health", path="/healthz"),
+                     route("tenant", prefix="/", hosts=["t1.example.com"])])
+    assert find(router, "GET", "/healthz", context("t1.example.com")) == "tenant"
+    assert find(router, "GET", "/healthz", context("other.example.com")) == "health"
+
+
+def test_header_and_query_conditions_share_a_path() -> None:
+    router = Router([route("plain", path="/items"),
+                     route("v2", path="/items", headers={"X-Api-Version": 2}),
+                     route("traced", path="/items", headers={"x-trace": True}),
+                     route("beta", path="/items", query={"beta": "1"}),
+                     route("no-cookie", path="/items", query={"nocache": True},
+                           headers={"Cookie": False})])
+    assert find(router, "GET", "/items", context()) == "plain"
+    assert find(router, "GET", "/items", context(headers={"x-api-version": "2"})) == "v2"
+    assert find(router, "GET", "/items", context(headers={"X-Api-Version": "3"})) == "plain"
+    assert find(router, "GET", "/items", context(headers={"X-Trace": ""})) == "traced"
+    assert find(router, "GET", "/items", context(query="a=b&beta=1")) == "beta"
+    assert find(router, "GET", "/items", context(query="beta=2")) == "plain"
+    assert find(router, "GET", "/items", context(query="nocache")) == "no-cookie"
+    assert find(router, "GET", "/items",
+                context(headers={"Cookie": "a=1"}, query="nocache")) == "plain"
+    multi = CIMultiDict([("X-Api-Version", "1"), ("X-Api-Version", "2")])
+    assert find(router, "GET", "/items", MatchContext("", multi, "")) == "v2"
+
+
+def test_conditions_decide_404_versus_405() -> None:
+    router = Router([route("v2-get", path="/items", methods=["GET"],
+                           headers={"X-Api-Version": "2"})])
+    segments = ["items"]
+    assert router.allowed_methods(segments, context()) == []  # no route applies: 404
+    matching = context(headers={"X-Api-Version": "2"})
+    assert router.find("POST", segments, matching) is None
+    assert router.allowed_methods(segments, matching) == ["GET", "HEAD"]  # 405
+
+
+def test_explicit_priority_first_then_specificity_then_order() -> None:
+    router = Router([route("catch-all", prefix="/", priority=10),
+                     route("exact", path="/a/b"),
+                     route("low", path="/c", priority=-1),
+                     route("tmpl", path="/{x}"),
+                     route("first", path="/d/{x}"),
+                     route("second", path="/d/{y}")])
+    assert find(router, "GET", "/a/b") == "catch-all"
+    router = Router([route("exact", path="/a/b"), route("low", path="/c", priority=-1),
+                     route("tmpl", path="/{x}"), route("first", path="/d/{x}"),
+                     route("second", path="/d/{y}")])
+    assert find(router, "GET", "/a/b") == "exact"
+    assert find(router, "GET", "/c") == "tmpl"  # negative priority loses to a template
+    assert find(router, "GET", "/d/1") == "first"
+
+
+@pytest.mark.parametrize(("match", "message"), [
+    ({"path": "/a", "regex": "^/a$"}, "exactly one"),
+    ({"path": "/a/{id:float}"}, "unknown type"),
+    ({"path": "/a/{rest:path}/b"}, "last segment"),
+    ({"prefix": "/a/{rest:path}"}, "last segment"),
+    ({"path": "/a", "template": "/a"}, "only with `regex`"),
+    ({"regex": "^/a(["}, "does not compile"),
+    ({"prefix": "/", "hosts": ["a.*.com"]}, "not a host name"),
+    ({"prefix": "/", "hosts": ["exa mple.com"]}, "not a host name"),
+    ({"prefix": "/", "headers": {"Bad Header": "1"}}, "not a header name"),
+])
+def test_match_config_errors(match: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValidationError, match=re.escape(message)):
+        RouteMatch.model_validate(match)
+
+
+# --- operation counts with 1,000 routes -------------------------------------------------------
+
+def _count_checks(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Count route checks (method + conditions) made by the router."""
+    counter = [0]
+    original_accepts = CompiledRoute.accepts
+    original_applies = CompiledRoute.applies
+
+    def accepts(self: CompiledRoute, method: str, ctx: MatchContext | None) -> bool:
+        counter[0] += 1
+        return original_accepts(self, method, ctx)
+
+    def applies(self: CompiledRoute, ctx: MatchContext | None) -> bool:
+        counter[0] += 1
+        return original_applies(self, ctx)
+
+    monkeypatch.setattr(CompiledRoute, "accepts", accepts)
+    monkeypatch.setattr(CompiledRoute, "applies", applies)
+    return counter
+
+
+def _big_table(size: int) -> list[Route]:
+    routes: list[Route] = []
+    for i in range(size // 5):
+        routes += [route(f"lit{i}", path=f"/static{i}/page"),
+                   route(f"tmpl{i}", path=f"/svc{i}/items/{{id:int}}"),
+                   route(f"pre{i}", prefix=f"/files{i}"),
+                   route(f"host{i}", path=f"/svc{i}/items/{{id:int}}",
+                         hosts=[f"t{i}.example.com"]),
+                   route(f"hdr{i}", path=f"/static{i}/page", headers={"X-Beta": "1"})]
+    return routes
+
+
+@pytest.mark.parametrize(("path", "host", "expected"), [
+    ("/static7/page", "x", "lit7"),
+    ("/svc7/items/12", "x", "tmpl7"),
+    ("/svc7/items/12", "t7.example.com", "host7"),
+    ("/files7/a/b", "x", "pre7"),
+    ("/nothing/here", "x", None),
+])
+def test_thousand_routes_check_only_the_candidates(monkeypatch: pytest.MonkeyPatch, path: str,
+                                                   host: str, expected: str | None) -> None:
+    small, big = Router(_big_table(50)), Router(_big_table(1000))
+    assert len(big.routes) == 1000
+    counter = _count_checks(monkeypatch)
+    costs = []
+    for router in (small, big):
+        counter[0] = 0
+        assert find(router, "GET", path, context(host)) == expected
+        router.allowed_methods(split_path(path)[1], context(host))
+        costs.append(counter[0])
+    assert costs[0] == costs[1], costs  # independent of the table's size
+    assert costs[1] <= 6, costs
+
+
+
+# --- through the gateway ----------------------------------------------------------------------
+
+async def test_route_conditions_through_the_gateway(
+        upstream: str, start_gateway: GatewayFactory, client: aiohttp.ClientSession) -> None:
+    routes = [
+        {"id": "order", "match": {"path": "/orders/{id:int}"}, "methods": ["GET"],
+         "upstream": "app"},
+        {"id": "order-v2", "match": {"path": "/orders/{id:int}",
+                                     "headers": {"X-Api-Version": "2"}},
+         "methods": ["GET"], "upstream": "app"},
+        {"id": "tenant", "match": {"prefix": "/", "hosts": ["*.tenants.test"]},
+         "methods": ["GET"], "upstream": "app"},
+        {"id": "items", "match": {"regex": "^/echo/v[0-9]+$", "template": "/echo/v{n}"},
+         "upstream": "app"},
+    ]
+    gw = await start_gateway(make_config(upstream, routes=routes))
+    cases = [("/orders/7", {}, 200), ("/orders/7", {"X-Api-Version": "2"}, 200),
+             ("/orders/x", {}, 404), ("/orders/x", {"Host": "a.tenants.test"}, 200),
+             ("/echo/v3", {}, 200)]
+    for path, headers, status in cases:
+        async with client.get(f"{gw.url}{path}", headers=headers) as response:
+            assert response.status == status, (path, headers)
+    async with client.post(f"{gw.url}/orders/7", headers={"X-Api-Version": "2"}) as response:
+        assert response.status == 405
+        assert response.headers["Allow"] == "GET, HEAD"
+    events = await read_events(gw.redis, len(cases) + 1)
+    seen = [(event["route_id"], event["http_route"]) for event in events]
+    assert seen == [("order", "/orders/{id:int}"), ("order-v2", "/orders/{id:int}"),
+                    ("", ""), ("tenant", "/*"), ("items", "/echo/v{n}"), ("", "")]
