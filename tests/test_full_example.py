@@ -33,10 +33,15 @@ async def test_full_example_serves_demo_upstreams(
                 for name, port in zip(demo.SERVICES, ports, strict=True)}
         config = load_config(FULL, environ=urls)
         gw = await start_gateway(config)
+        key = {"X-API-Key": "demo-partner-key-0123456789"}
         for path in ("/orders/7", "/users/3", "/catalog/items", "/catalog/items/kettle"):
-            async with client.get(f"{gw.url}{path}", headers={"X-Client-Id": "c1"}) as response:
+            async with client.get(f"{gw.url}{path}",
+                                  headers={"X-Client-Id": "c1", **key}) as response:
                 assert response.status in (200, 404), (path, response.status)
                 assert response.headers["Content-Type"].startswith("application/")
+        async with client.get(f"{gw.url}/users/3") as response:
+            assert response.status == 401
+            assert response.headers["WWW-Authenticate"].startswith("Bearer")
         async with client.post(f"{gw.url}/orders", data=b"x" * 70_000) as response:
             assert response.status == 413
         pool = gw.gateway.forwarder.upstreams["catalog"]
