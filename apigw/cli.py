@@ -475,7 +475,8 @@ def dashboard_command(listen: str) -> list[str]:
     host, port = split_listen(listen)
     return [sys.executable, "-m", "streamlit", "run", str(dashboard_app_path()),
             "--server.address", host, "--server.port", str(port),
-            "--server.headless", "true", "--browser.gatherUsageStats", "false"]
+            "--server.headless", "true", "--browser.gatherUsageStats", "false",
+            "--client.toolbarMode", "viewer"]
 
 
 def _run_dashboard(args: argparse.Namespace) -> NoReturn:

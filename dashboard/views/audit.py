@@ -24,10 +24,12 @@ def render(ctx: Context) -> None:
         return
     st.dataframe(pd.DataFrame([{
         "time": when(r["ts"], ctx.tz), "actor": r["actor"], "action": r["action"],
-        "subject": r["subject"], "reason": r["reason"], "evidence": r["evidence"],
+        "reason": r["reason"], "subject": r["subject"], "evidence": r["evidence"],
         "before": json.dumps(r["before"]) if r["before"] is not None else "",
         "after": json.dumps(r["after"]) if r["after"] is not None else ""}
-        for r in records]), hide_index=True)
+        for r in records]), hide_index=True, height=min(36 * len(records) + 38, 720),
+        column_config={"reason": st.column_config.TextColumn(width="large"),
+                       "subject": st.column_config.TextColumn(width="medium")})
 
 
 guarded(current(), render)

@@ -53,9 +53,20 @@ def choose(ctx: Context) -> tuple[str | None, Span, dict[str, Any] | None]:
     return key, ctx.span, None
 
 
+def trim_leading_idle(data: pd.DataFrame, keep: int = 3) -> pd.DataFrame:
+    """Drop the empty buckets before the endpoint's first traffic (all but `keep`), so a young
+    endpoint's story is not squeezed into the right edge of an hour-long axis."""
+    if data.empty or "requests" not in data:
+        return data
+    busy = (data["requests"] > 0).to_numpy()
+    if not busy.any():
+        return data
+    return data.iloc[max(0, int(busy.argmax()) - keep):].reset_index(drop=True)
+
+
 def share_table(rows: list[dict[str, Any]], name: str) -> pd.DataFrame:
     return pd.DataFrame([{
-        name: row.get("client", row.get("value")), "requests": row["requests"],
+        name: row.get("client", row.get("value")) or "(none)", "requests": row["requests"],
         "share": row["share"], "share before": row["compare_share"],
         "change": row["share"] - (row["compare_share"] or 0.0),
         **({"5xx": row["errors_5xx"], "auth failures": row["auth_failures"],
@@ -114,6 +125,7 @@ def render(ctx: Context) -> None:
     if not windows.empty:
         windows["start"], windows["end"] = times(windows["start"], ctx.tz), times(windows["end"],
                                                                                    ctx.tz)
+    data = trim_leading_idle(data)
     if not data.empty:
         data["time"] = times(data["ts"], ctx.tz)
         earlier = pd.DataFrame(series["compare_points"])
@@ -137,22 +149,29 @@ def render(ctx: Context) -> None:
     st.dataframe(pd.DataFrame(rows).T, column_config={
         "5xx rate": st.column_config.NumberColumn(format="percent")})
 
+    during, during_label = params, "this range vs the same length before it"
+    if anomaly is not None:  # during = since the anomaly began; before = as long before that
+        during = {"from": round(anomaly["window_start"], 3), "to": params["to"]}
+        during_label = (f"since {when(anomaly['window_start'], ctx.tz)[11:19]} (the anomaly) "
+                        "vs the same length before it")
+    st.subheader("Who and what")
+    st.caption(f"Shares {during_label}; a client absent before shows 0% before.")
     left, right = st.columns(2)
     with left:
-        st.markdown("**Status codes** (share during vs the window before)")
-        st.dataframe(share_table(ctx.client.breakdown(params, route_id, method, template,
+        st.markdown("**Status codes**")
+        st.dataframe(share_table(ctx.client.breakdown(during, route_id, method, template,
                                                       "status"), "status"),
                      hide_index=True, column_config=SHARE_COLUMNS)
         st.markdown("**Top clients**")
-        st.dataframe(share_table(ctx.client.top_clients(params, route_id, method, template),
+        st.dataframe(share_table(ctx.client.top_clients(during, route_id, method, template),
                                  "client"), hide_index=True, column_config=SHARE_COLUMNS)
     with right:
         st.markdown("**Error classes**")
-        st.dataframe(share_table(ctx.client.breakdown(params, route_id, method, template,
+        st.dataframe(share_table(ctx.client.breakdown(during, route_id, method, template,
                                                       "error_type"), "error class"),
                      hide_index=True, column_config=SHARE_COLUMNS)
         st.markdown("**Top IPs**")
-        st.dataframe(share_table(ctx.client.breakdown(params, route_id, method, template,
+        st.dataframe(share_table(ctx.client.breakdown(during, route_id, method, template,
                                                       "client_address"), "ip"),
                      hide_index=True, column_config=SHARE_COLUMNS)
 
@@ -172,7 +191,10 @@ def render(ctx: Context) -> None:
         return
     frame["timestamp"] = times(frame["timestamp"], ctx.tz)
     st.dataframe(frame[["timestamp", "status", "duration_ms", "client_id", "client_address",
-                        "url_path", "error_type", "request_id", "trace_id"]], hide_index=True)
+                        "url_path", "error_type", "request_id", "trace_id"]], hide_index=True,
+                 column_config={"duration_ms": st.column_config.NumberColumn(format="%.1f"),
+                                "request_id": st.column_config.TextColumn(width="medium"),
+                                "trace_id": st.column_config.TextColumn(width="medium")})
     more = " · more on the next page" if found["next_offset"] is not None else ""
     st.caption(f"{len(frame)} requests on page {page}{more} · cells are copyable "
                "(select, then Ctrl+C)")

@@ -25,12 +25,29 @@ def rank(endpoints: list[dict[str, Any]]) -> list[dict[str, Any]]:
                                             -e["error_rate"], -(e["p95_ms"] or 0.0)))
 
 
+def group_incidents(anomalies: list[dict[str, Any]]
+                    ) -> list[tuple[dict[str, Any], list[dict[str, Any]]]]:
+    """Open anomalies grouped by endpoint and kind (the analytics job flags each minute on
+    its own), worst group first; each group's first element is its most severe anomaly."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for anomaly in anomalies:
+        groups.setdefault((endpoint_key(anomaly["endpoint"]), anomaly["kind"]), []).append(
+            anomaly)
+
+    def worst(anomaly: dict[str, Any]) -> tuple[int, float, float]:
+        return SEVERITY_ORDER.get(anomaly["severity"], 9), -anomaly["score"], anomaly[
+            "window_start"]
+
+    ranked = [(min(group, key=worst), sorted(group, key=lambda a: a["window_start"]))
+              for group in groups.values()]
+    return sorted(ranked, key=lambda pair: worst(pair[0])[:2])
+
+
 def render(ctx: Context) -> None:
     st.title("Overview")
     span = ctx.span.params()
     endpoints = rank(ctx.client.endpoints(span, sparkline=True))  # one call, sparklines too
-    incidents = sorted(ctx.client.anomalies(span, status="open"),
-                       key=lambda a: (SEVERITY_ORDER.get(a["severity"], 9), -a["score"]))
+    incidents = group_incidents(ctx.client.anomalies(span, status="open"))
     total = sum(row["requests"] for row in endpoints)
     errors = sum(row["errors_5xx"] for row in endpoints)
     cols = st.columns(5)
@@ -43,16 +60,27 @@ def render(ctx: Context) -> None:
 
     st.subheader("Open incidents")
     if incidents:
-        st.dataframe(pd.DataFrame([{
-            "severity": a["severity"], "kind": a["kind"], "endpoint": endpoint_key(a["endpoint"]),
-            "since": when(a["window_start"], ctx.tz), "score": a["score"],
-            "baseline": a["baseline"], "observed": a["observed"],
-            "top clients": ", ".join(a["top_clients"]), "summary": a["summary"],
-            "investigate": link("investigate", anomaly=a["id"]), "id": a["id"],
-        } for a in incidents]), hide_index=True, column_config={
-            "investigate": st.column_config.LinkColumn(display_text="open ↗"),
-            "score": st.column_config.ProgressColumn(min_value=0.0, max_value=1.0,
-                                                     format="%.2f")})
+        st.caption("One row per endpoint and kind, gathering its open anomalies (one per "
+                   "analysed window); severity and score are the worst, the link opens the "
+                   "first window.")
+        rows = [{
+            "severity": first["severity"], "kind": first["kind"],
+            "endpoint": endpoint_key(first["endpoint"]),
+            "investigate": link("investigate", anomaly=group[0]["id"]),
+            "since": when(min(a["window_start"] for a in group), ctx.tz),
+            "last seen": when(max(a["window_end"] for a in group), ctx.tz),
+            "windows": len(group), "score": first["score"], "baseline": first["baseline"],
+            "observed": max(a["observed"] for a in group),
+            "top clients": ", ".join(dict.fromkeys(c for a in group for c in a["top_clients"])),
+            "summary": first["summary"], "id": group[0]["id"],
+        } for first, group in incidents]
+        st.dataframe(pd.DataFrame(rows), hide_index=True, height=min(36 * len(rows) + 38, 400),
+                     column_config={
+                         "investigate": st.column_config.LinkColumn(display_text="open ↗"),
+                         "score": st.column_config.ProgressColumn(
+                             min_value=0.0, max_value=1.0, format="%.2f"),
+                         "observed": st.column_config.NumberColumn(format="%.4g"),
+                         "baseline": st.column_config.NumberColumn(format="%.4g")})
     else:
         st.success("No open incidents.")
 

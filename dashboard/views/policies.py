@@ -92,11 +92,13 @@ def recommendations(client: ApiClient, recs: list[dict[str, Any]], ctx: Context)
     order = {"pending": 0, "approved": 1, "applied": 2}
     if not recs:
         st.info("No recommendations.")
-    for rec in sorted(recs, key=lambda r: (order.get(r["status"], 9), -r["created_at"])):
+    ranked = sorted(recs, key=lambda r: (order.get(r["status"], 9), -r["created_at"]))
+    for i, rec in enumerate(ranked):
         policy = rec["policy"]
+        scope = f" for {policy['match_key']}" if policy.get("match_key") else ""
         title = (f"[{rec['status']}] {endpoint_key(rec['endpoint'])} → {policy['limit']} per "
-                 f"{policy['window_s']:g} s by {policy['key_by']}")
-        with st.expander(title, expanded=rec["status"] == "pending"):
+                 f"{policy['window_s']:g} s by {policy['key_by']}{scope}")
+        with st.expander(title, expanded=rec["status"] == "pending" or i == 0):
             st.write(rec["rationale"])
             impact = rec.get("impact") or {}
             cols = st.columns(4)
@@ -118,9 +120,17 @@ def recommendations(client: ApiClient, recs: list[dict[str, Any]], ctx: Context)
                     run_action(partial(client.act, rec["id"], action, reason), f"{action} done")
 
 
+def shown(field: str, value: Any, ctx: Context) -> str:
+    """A diff cell: times (`*_at` fields) in the chosen zone, the rest as text."""
+    if field.endswith("_at") and isinstance(value, int | float):
+        return when(value, ctx.tz)
+    return str(value)
+
+
 def history(ctx: Context, views: list[dict[str, Any]]) -> None:
     ids = [v["policy"]["id"] for v in views]
-    wanted = param("policy", ids[0])
+    latest = max(views, key=lambda v: v["policy"]["updated_at"] or 0.0)["policy"]["id"]
+    wanted = param("policy", latest)  # by default the policy changed last
     chosen = st.selectbox("History of", ids, index=ids.index(wanted) if wanted in ids else 0)
     st.query_params["policy"] = chosen
     versions = ctx.client.policy_history(chosen)
@@ -138,15 +148,19 @@ def history(ctx: Context, views: list[dict[str, Any]]) -> None:
     older = cols[1].selectbox("with version", numbers, index=1, key="diff-from")
     diff = ctx.client.policy_diff(chosen, older, newer)
     if diff["changes"]:
-        st.dataframe(pd.DataFrame([{"field": c["field"], f"v{older}": str(c["before"]),
-                                    f"v{newer}": str(c["after"])} for c in diff["changes"]]),
-                     hide_index=True)
+        st.dataframe(pd.DataFrame([{
+            "field": c["field"], f"v{older}": shown(c["field"], c["before"], ctx),
+            f"v{newer}": shown(c["field"], c["after"], ctx)} for c in diff["changes"]]),
+            hide_index=True)
     else:
         st.caption("No difference.")
     target = versions[1]["version"]
+    why = st.text_input("Reason for the rollback (audited)", key="rollback-reason",
+                        placeholder="rollback from the dashboard")
     if st.button(f"Roll back {chosen} to version {target}", key="rollback"):
         run_action(partial(ctx.client.rollback_policy, chosen,
-                           "rollback from the dashboard", target), "policy rolled back")
+                           why.strip() or "rollback from the dashboard", target),
+                   "policy rolled back")
 
 
 def render(ctx: Context) -> None:

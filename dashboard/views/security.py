@@ -67,6 +67,28 @@ def recommendation(rec: dict[str, Any], client: ApiClient) -> None:
         run_action(partial(client.act, rec["id"], "approve", reason), "recommendation approved")
 
 
+def related(anomaly: dict[str, Any], recs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Recommendations made for this anomaly, or for the same endpoint and one of its top
+    clients (analytics links a recommendation to the window that triggered it, while the
+    queue holds every later window of the same incident too)."""
+    key, clients = endpoint_key(anomaly["endpoint"]), set(anomaly["top_clients"])
+    return [rec for rec in recs if anomaly["id"] in rec["anomaly_ids"] or (
+        endpoint_key(rec["endpoint"]) == key
+        and clients & {*rec["flagged_clients"], rec.get("target_client") or ""})]
+
+
+def handled(rec: dict[str, Any], ctx: Context) -> None:
+    """A recommendation already applied (auto mode or a person): what is in force now."""
+    policy = rec["policy"]
+    scope = f"for {policy['match_key']} only" if policy.get("match_key") else "for every client"
+    st.success(f"**Already limited:** {policy['limit']} per {policy['window_s']:g} s by "
+               f"{policy['key_by']} {scope} (policy `{policy['id']}`, applied "
+               f"{when(rec.get('updated_at'), ctx.tz)} by {rec['status_by']}).",
+               icon=":material/verified_user:")
+    st.page_link("views/policies.py", label=f"Review or roll back {policy['id']}",
+                 icon=":material/tune:", query_params={"policy": policy["id"]})
+
+
 def dismiss(anomaly: dict[str, Any], recs: list[dict[str, Any]], client: ApiClient) -> None:
     reason = st.text_input("Reason to dismiss", key=f"dismiss-reason-{anomaly['id']}")
     if st.button("Dismiss", key=f"dismiss-{anomaly['id']}", disabled=not reason.strip()):
@@ -116,10 +138,7 @@ def render(ctx: Context) -> None:
     st.title("Security review")
     anomalies = ctx.client.anomalies(ctx.span.params(), limit=1000)
     todo = queue(anomalies)
-    recs_by_anomaly: dict[str, list[dict[str, Any]]] = {}
-    for rec in ctx.client.recommendations():
-        for anomaly_id in rec["anomaly_ids"]:
-            recs_by_anomaly.setdefault(anomaly_id, []).append(rec)
+    all_recs = ctx.client.recommendations()
     cols = st.columns(3)
     cols[0].metric("To review", len(todo))
     cols[1].metric("Open", sum(1 for a in todo if a["status"] == "open"))
@@ -129,18 +148,21 @@ def render(ctx: Context) -> None:
     if not todo:
         st.success("Nothing to review.")
     for i, anomaly in enumerate(todo):
-        recs = recs_by_anomaly.get(anomaly["id"], [])
+        recs = related(anomaly, all_recs)
         title = (f"[{anomaly['severity']}] {anomaly['kind']} · {endpoint_key(anomaly['endpoint'])}"
-                 f" · {', '.join(anomaly['top_clients'][:3]) or 'no client'}")
+                 f" · {', '.join(anomaly['top_clients'][:3]) or 'no client'}"
+                 f" · {when(anomaly['window_start'], ctx.tz)[11:16]}")
         with st.expander(title, expanded=i == 0):
             evidence(anomaly, ctx)
             for rec in recs:
                 if rec["status"] in ("pending", "approved"):
                     recommendation(rec, ctx.client)
+                elif rec["status"] == "applied":
+                    handled(rec, ctx)
             st.markdown("**Targeted limit for one client**")
             targeted(anomaly, ctx)
             st.markdown("**Dismiss**")
-            dismiss(anomaly, recs, ctx.client)
+            dismiss(anomaly, [r for r in recs if anomaly["id"] in r["anomaly_ids"]], ctx.client)
     reviewed = [a for a in anomalies if a["kind"] in SECURITY_KINDS
                 and a["status"] in ("dismissed", "actioned")]
     if reviewed:
