@@ -14,6 +14,8 @@ Deduplication: `events` and both rollup tables carry `non_replicated_deduplicati
 an insert repeated with the same `insert_deduplication_token` (the collector derives it from
 the stream entry ids) is dropped by `events` AND by the materialized views' target tables.
 Without the setting on the rollup tables, the views double-count a repeated insert.
+The views' share of the hash includes the view's id, which must be the same in every
+process: see migration 5 (never alter a view with MODIFY QUERY).
 """
 
 from __future__ import annotations
@@ -199,6 +201,18 @@ FROM events
 GROUP BY minute, route_id, http_request_method, http_route
 """
 
+# Migration 5: reload the view altered by migration 4 from its stored definition. ClickHouse
+# keys a view's deduplication hash by the view's id (token + ":" + view id + block number); in
+# the process that ran MODIFY QUERY that id is a random in-memory UUID, everywhere else (any
+# process or server that loads the view from disk) it is "default.events_1m_mv". So an insert
+# repeated across a restart (collector SIGKILLed between insert and XACK) was deduplicated by
+# `events` and `events_client_1m` but counted twice in `events_1m`. DETACH + ATTACH reloads
+# the view as a restart would. Don't use MODIFY QUERY again: recreate a view by DETACH/ATTACH
+# or DROP/CREATE. A rerun after an interruption re-attaches the view. (On a shared server,
+# an insert by another collector in the instant between the two statements skips the view.)
+_EVENTS_1M_MV_RELOAD = ["DETACH TABLE IF EXISTS events_1m_mv",
+                        "ATTACH TABLE IF NOT EXISTS events_1m_mv"]
+
 # How readers get [p50, p95, p99] ms from `events_1m` rows (inside a GROUP BY): the t-digest
 # when the group has one, else the reservoir of rows written before migration 4. A group that
 # spans the switch reads the t-digest of its newer rows only.
@@ -250,6 +264,7 @@ MIGRATIONS: Final[list[Migration]] = [
     (2, "rollups_1m", [_EVENTS_1M, _EVENTS_1M_MV, _EVENTS_CLIENT_1M, _EVENTS_CLIENT_1M_MV]),
     (3, "anomalies", [_ANOMALIES]),
     (4, "rollup_latency_tdigest", [_EVENTS_1M_ADD_TD, _EVENTS_1M_MV_TD]),
+    (5, "reload_events_1m_mv", _EVENTS_1M_MV_RELOAD),
 ]
 
 

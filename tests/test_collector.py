@@ -461,3 +461,23 @@ def test_sigkill_mid_stream_then_restart_loses_and_duplicates_nothing(
     finally:
         client.close()
     assert _count_rows(chdb_dsn) == (n, n, n)
+
+
+def test_repeated_insert_after_reopening_the_store_is_deduplicated_in_rollups(
+        chdb_dsn: str) -> None:
+    """A batch inserted by the process that ran the migrations, then inserted again with the
+    same token after a restart (crash between insert and XACK), counts once everywhere."""
+    entries = [(f"100-{i}", {b"v": b"1", b"b": encode_batch(make_events(5, start=5 * i))})
+               for i in range(3)]
+    token = batch_token([entry_id for entry_id, _ in entries])
+    for _ in range(2):  # the second client reloads the schema from disk, as a restart does
+        ch = SharedClient(chdb_dsn)
+        try:
+            migrate(ch.client)
+            ch.client.insert_arrow(
+                "events", build_batch(entries).table,
+                settings={"insert_deduplication_token": token,
+                          "deduplicate_blocks_in_dependent_materialized_views": 1})
+            assert_counts(ch, 15)
+        finally:
+            ch.close()
