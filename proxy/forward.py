@@ -460,24 +460,7 @@ class Forwarder:
         headers = response_headers(upstream.headers, ex.response_headers, keep_length=True)
         stream = web.StreamResponse(status=status, reason=upstream.reason, headers=headers)
         await stream.prepare(request)
-        sent = 0
-        try:
-            async for chunk in upstream.content.iter_any():
-                await stream.write(chunk)
-                sent += len(chunk)
-        except (ConnectionResetError, aiohttp.ClientConnectionResetError):
-            event.http_response_body_size = sent
-            event.error_type = "client_disconnect"
-            raise ClientGone from None
-        except Exception as exc:  # upstream failed mid-body: make the truncation visible
-            event.http_response_body_size = sent
-            event.error_type = classify(exc)[0]
-            if request.transport is not None:
-                request.transport.close()
-            return stream
-        event.http_response_body_size = sent
-        await stream.write_eof()
-        return stream
+        return await relay_body(request, stream, upstream, event)
 
     async def _failure(self, ex: Exchange, exc: Exception,
                        error_type: str) -> web.StreamResponse:
@@ -518,6 +501,34 @@ async def _answer_and_close(ex: Exchange, response: web.Response) -> web.Respons
     if transport is not None:
         transport.close()
     return response
+
+
+async def relay_body(request: BaseRequest, stream: web.StreamResponse,
+                     upstream: aiohttp.ClientResponse, event: RequestEvent,
+                     prefix: bytes = b"") -> web.StreamResponse:
+    """Copy the upstream body to the prepared `stream`, recording the bytes sent; an upstream
+    that fails mid-body cuts the client connection so the truncation is visible."""
+    sent = 0
+    try:
+        if prefix:
+            await stream.write(prefix)
+            sent += len(prefix)
+        async for chunk in upstream.content.iter_any():
+            await stream.write(chunk)
+            sent += len(chunk)
+    except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+        event.http_response_body_size = sent
+        event.error_type = "client_disconnect"
+        raise ClientGone from None
+    except Exception as exc:
+        event.http_response_body_size = sent
+        event.error_type = classify(exc)[0]
+        if request.transport is not None:
+            request.transport.close()
+        return stream
+    event.http_response_body_size = sent
+    await stream.write_eof()
+    return stream
 
 
 class ClientGone(Exception):

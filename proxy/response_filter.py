@@ -19,7 +19,7 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
-from proxy.forward import ClientGone, classify, response_headers
+from proxy.forward import relay_body, response_headers
 
 if TYPE_CHECKING:
     from proxy.app import Exchange
@@ -107,24 +107,4 @@ async def _stream(ex: Exchange, upstream: aiohttp.ClientResponse, response: Buff
                                 headers=response.headers)
     event.http_response_status_code = response.status
     await stream.prepare(request)
-    sent = 0
-    try:
-        if prefix:
-            await stream.write(prefix)
-            sent += len(prefix)
-        async for chunk in upstream.content.iter_any():
-            await stream.write(chunk)
-            sent += len(chunk)
-    except (ConnectionResetError, aiohttp.ClientConnectionResetError):
-        event.http_response_body_size = sent
-        event.error_type = "client_disconnect"
-        raise ClientGone from None
-    except Exception as exc:  # upstream failed mid-body: make the truncation visible
-        event.http_response_body_size = sent
-        event.error_type = classify(exc)[0]
-        if request.transport is not None:
-            request.transport.close()
-        return stream
-    event.http_response_body_size = sent
-    await stream.write_eof()
-    return stream
+    return await relay_body(request, stream, upstream, event, prefix)
