@@ -179,7 +179,8 @@ def test_dashboard_command_runs_streamlit_on_the_app() -> None:
     assert command[:4] == [sys.executable, "-m", "streamlit", "run"]
     assert Path(command[4]) == ROOT / "dashboard" / "app.py"
     assert command[5:] == ["--server.address", "127.0.0.1", "--server.port", "8601",
-                           "--server.headless", "true", "--browser.gatherUsageStats", "false"]
+                           "--server.headless", "true", "--browser.gatherUsageStats", "false",
+                           "--client.toolbarMode", "viewer"]
 
 
 def _get(url: str) -> int:
