@@ -281,9 +281,15 @@ def test_demo_serves_traffic_through_the_gateway_and_stops_cleanly(tmp_path: Pat
                 os.killpg(pid, signal.SIGKILL)
     text = log.read_text()
     assert set(pids) == {"redis", "upstreams", "controlplane", "proxy", "traffic"}, text[-4000:]
-    sent, ok = int(report[1]), int(report[2])
+    sent, ok, client_errors, limited, server_errors, errors = (int(report[n])
+                                                               for n in range(1, 7))
     assert sent > 100, report[0]
-    assert ok == sent, report[0]  # every route of the demo config reaches a demo service
+    # Every route of the demo config reaches a demo service: nothing unroutable, refused or
+    # limited. The orders service answers 503 when a burst exceeds its capacity (22 req/s,
+    # by design of the demo), so a few 5xx are its own, never the gateway's.
+    assert (client_errors, limited, errors) == (0, 0, 0), report[0]
+    assert ok + server_errors == sent, report[0]
+    assert server_errors <= sent // 50, report[0]
     # authenticated clients (JWTs, API keys) are all served; anonymous visitors run alongside
     assert re.search(r"anonymous\(3\): sent \d+ 2xx \d+ 4xx \d+", text), text[-4000:]
     assert "demo timeline" in text
