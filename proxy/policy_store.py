@@ -206,31 +206,16 @@ class PolicyStore:
 
     async def delete(self, policy_id: str, *, actor: str, reason: str, evidence: str = "") -> bool:
         """Remove the current version (history stays, so a rollback can restore it)."""
-        keys = self.keys
-        pipe: Any
-        async with self._redis.pipeline(transaction=True) as pipe:
-            for _ in range(_WRITE_ATTEMPTS):
-                try:
-                    await pipe.watch(keys.policies)
-                    raw = await pipe.hget(keys.policies, policy_id)
-                    if raw is None:
-                        await pipe.unwatch()
-                        return False
-                    before = _parse(policy_id, raw, "current")
-                    record = AuditRecord(actor=actor, action="policy.delete", subject=policy_id,
-                                         reason=reason, evidence=evidence,
-                                         before=_dump(before) if before else {"raw": _text(raw)})
-                    pipe.multi()
-                    pipe.hdel(keys.policies, policy_id)
-                    pipe.incr(keys.policies_version)
-                    self._queue_audit(pipe, record)
-                    pipe.publish(keys.policies_channel, policy_id)
-                    await pipe.execute()
-                    log.info("policy deleted", extra={"policy_id": policy_id, "actor": actor})
-                    return True
-                except WatchError:
-                    await asyncio.sleep(random.uniform(0, 0.005))
-        raise PolicyConflictError(f"policy {policy_id!r}: too many concurrent writers")
+
+        def audit_for(before: Policy | None, raw: bytes | str) -> AuditRecord:
+            return AuditRecord(actor=actor, action="policy.delete", subject=policy_id,
+                               reason=reason, evidence=evidence,
+                               before=_dump(before) if before else {"raw": _text(raw)})
+
+        deleted = await self._remove(policy_id, audit_for)
+        if deleted:
+            log.info("policy deleted", extra={"policy_id": policy_id, "actor": actor})
+        return deleted
 
     async def rollback(self, policy_id: str, *, actor: str, reason: str,
                        to_version: int | None = None) -> Policy:
@@ -410,6 +395,19 @@ class PolicyStore:
 
     async def _delete_if_version(self, policy_id: str, version: int, *, actor: str,
                                  reason: str) -> int:
+        def audit_for(current: Policy | None, raw: bytes | str) -> AuditRecord | None:
+            if current is None or current.version != version:
+                return None
+            return AuditRecord(actor=actor, action="policy.expire", subject=policy_id,
+                               reason=reason, before=_dump(current), after=None)
+
+        return int(await self._remove(policy_id, audit_for))
+
+    async def _remove(self, policy_id: str,
+                      audit_for: Callable[[Policy | None, bytes | str], AuditRecord | None]
+                      ) -> bool:
+        """Delete the current version when `audit_for` gives the audit record for it (None:
+        leave it), atomically with the version bump, the audit entry and the notification."""
         keys = self.keys
         pipe: Any
         async with self._redis.pipeline(transaction=True) as pipe:
@@ -417,19 +415,18 @@ class PolicyStore:
                 try:
                     await pipe.watch(keys.policies)
                     raw = await pipe.hget(keys.policies, policy_id)
-                    current = None if raw is None else _parse(policy_id, raw, "current")
-                    if current is None or current.version != version:
+                    record = (None if raw is None
+                              else audit_for(_parse(policy_id, raw, "current"), raw))
+                    if record is None:
                         await pipe.unwatch()
-                        return 0
-                    record = AuditRecord(actor=actor, action="policy.expire", subject=policy_id,
-                                         reason=reason, before=_dump(current), after=None)
+                        return False
                     pipe.multi()
                     pipe.hdel(keys.policies, policy_id)
                     pipe.incr(keys.policies_version)
                     self._queue_audit(pipe, record)
                     pipe.publish(keys.policies_channel, policy_id)
                     await pipe.execute()
-                    return 1
+                    return True
                 except WatchError:
                     await asyncio.sleep(random.uniform(0, 0.005))
         raise PolicyConflictError(f"policy {policy_id!r}: too many concurrent writers")
