@@ -178,7 +178,6 @@ class Gateway:
         self._log = tuple(cast(LogHook, step) for step in self.steps if hasattr(step, "log"))
         self.tracer: GatewayTracer | None = build_tracer(config.tracing)
         self.tls = ServerCertificate(config.tls) if config.tls is not None else None
-        self._server: web.Server | None = None
         self.started = False
         self.stopping = False
 
@@ -209,8 +208,6 @@ class Gateway:
         if self.emitter is not None:
             await self.emitter.start()
         CONFIG_INFO.labels(self.version).set(1)
-        self._server = web.Server(self.handle, access_log=None, auto_decompress=False,
-                                  keepalive_timeout=75.0, logger=wire_log)
         self.started = True
 
     async def stop(self, timeout_s: float = 5.0) -> None:
@@ -223,13 +220,6 @@ class Gateway:
             await self.emitter.stop(timeout_s=timeout_s)
         if self.tracer is not None:
             await asyncio.to_thread(self.tracer.shutdown)
-
-    @property
-    def app(self) -> web.Server:
-        """The low-level aiohttp server (one handler); exists after start()."""
-        if self._server is None:
-            raise RuntimeError("Gateway.start() has not been awaited")
-        return self._server
 
     async def readiness(self) -> tuple[bool, dict[str, Any]]:
         redis_ok, redis_error = True, ""

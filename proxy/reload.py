@@ -22,8 +22,6 @@ from aiohttp import web
 from aiohttp.web_request import BaseRequest
 
 from proxy.config import ConfigError, GatewayConfig, config_version, load_config
-from proxy.forward import new_id
-from proxy.listener import RecordingServer, bad_request_event
 
 if TYPE_CHECKING:
     import redis.asyncio as aioredis
@@ -64,7 +62,6 @@ class LiveGateway:
         self.drain_s = drain_s
         self._lock = asyncio.Lock()
         self._retiring: set[asyncio.Task[Any]] = set()
-        self._server: web.Server | None = None
         self.reloads = 0
 
     @property
@@ -75,14 +72,6 @@ class LiveGateway:
     def config(self) -> GatewayConfig:
         return self._serving.gateway.config
 
-    @property
-    def app(self) -> web.Server:
-        if self._server is None:
-            self._server = RecordingServer(self.handle, self._bad_request, access_log=None,
-                                           auto_decompress=False, keepalive_timeout=75.0,
-                                           logger=logging.getLogger("proxy.wire"))
-        return self._server
-
     async def handle(self, request: BaseRequest) -> web.StreamResponse:
         serving = self._serving
         serving.active += 1
@@ -92,14 +81,6 @@ class LiveGateway:
             serving.active -= 1
             if serving.retired and not serving.active:
                 serving.drained.set()
-
-    def _bad_request(self, request: BaseRequest, status: int,
-                     exc: BaseException | None) -> None:
-        """A request the HTTP parser refused (never forwarded): still one event."""
-        gateway = self.gateway
-        if gateway.emitter is not None:
-            gateway.emitter.emit(bad_request_event(request, status, exc, gateway.instance,
-                                                   new_id(128)))
 
     async def readiness(self) -> tuple[bool, dict[str, Any]]:
         ready, detail = await self.gateway.readiness()
