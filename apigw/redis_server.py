@@ -51,6 +51,20 @@ def is_reachable(host: str, port: int, timeout: float = 0.5) -> bool:
         return False
 
 
+def terminate(process: subprocess.Popen[bytes], timeout: float) -> None:
+    """SIGTERM a child, wait up to `timeout`, then SIGKILL it; always reaped."""
+    if process.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            process.kill()
+        process.wait()
+
+
 class RedisServer:
     """A redis-server child process on loopback, stopped by its own pid."""
 
@@ -93,15 +107,8 @@ class RedisServer:
 
     def stop(self, timeout: float = 5.0) -> None:
         process, self.process = self.process, None
-        if process is None or process.poll() is not None:
-            return
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                process.kill()
-            process.wait()
+        if process is not None:
+            terminate(process, timeout)
 
     def __enter__(self) -> RedisServer:
         return self.start()

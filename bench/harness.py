@@ -44,7 +44,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from apigw.redis_server import RedisServer, free_port  # noqa: E402
+from apigw.redis_server import RedisServer, free_port, terminate  # noqa: E402
 
 BENCH = ROOT / "bench"
 RESULTS = BENCH / "results"
@@ -89,15 +89,7 @@ class Processes:
         return process
 
     def stop(self, process: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
-        if process.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    process.kill()
-                process.wait()
+        terminate(process, timeout)
 
     def stop_all(self) -> None:
         for _, process in reversed(self.started):
