@@ -42,6 +42,7 @@ from yarl import URL
 from proxy.balancing import Endpoint
 from proxy.config import Route
 from proxy.limits import BodyTooLarge, RouteLimits, header_bytes
+from proxy.listener import ClientBodyTimeout
 from proxy.pool import UpstreamPool
 from proxy.problem import problem_response
 from proxy.resilience import RetryPolicy, failure_class, timeout_for
@@ -62,6 +63,8 @@ _FORWARDING: Final = frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forwa
                                 "forwarded", "x-real-ip"})
 _REPLACED: Final = frozenset({"host", "x-request-id", "traceparent", "via"})
 _MAX_REQUEST_ID: Final = 128
+_CLIENT_BODY_FAILURES: Final = frozenset({"client_body_error", "client_body_timeout",
+                                          "payload_too_large"})
 _ID_CHARS: Final = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._:-")
 _HEX: Final = frozenset("0123456789abcdef")
 _TOKEN: Final = frozenset("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyz"
@@ -364,7 +367,7 @@ class Forwarder:
                 except Exception as exc:  # every failure becomes a problem and an error class
                     event.upstream_duration_ms = (loop.time() - started) * 1000.0
                     error_type = self._attempt_error(ex, exc, pool)
-                    if error_type == "client_body_error" or error_type == "payload_too_large":
+                    if error_type in _CLIENT_BODY_FAILURES:
                         pool.abandon()
                         return await self._failure(ex, exc, error_type)
                     pool.record(ep, error_type, 0)
@@ -424,7 +427,10 @@ class Forwarder:
             raise ClientGone from None
         if ex.event.error_type == "payload_too_large":
             return "payload_too_large"
-        if ex.request.content.exception() is not None:
+        body_error = ex.request.content.exception()
+        if isinstance(body_error, ClientBodyTimeout):
+            return "client_body_timeout"
+        if body_error is not None:
             return "client_body_error"
         return classify(exc)[0]
 
@@ -470,6 +476,12 @@ class Forwarder:
                                    f"the request body passed {ex.event.http_request_body_size} "
                                    "bytes, over this route's limit")
             return await _answer_and_close(ex, refused)
+        if error_type == "client_body_timeout":
+            event.error_type = error_type
+            stalled = problem_response("request-timeout", "the request body stalled: nothing "
+                                       "arrived within the client body timeout",
+                                       ex.request_id, headers=ex.response_headers)
+            return await _answer_and_close(ex, stalled)
         if error_type == "client_body_error":
             event.error_type = error_type
             return problem_response("bad-request", "the request body could not be read",

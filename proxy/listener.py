@@ -18,8 +18,8 @@ Client timeouts (`ClientTimeouts`, from ProxySettings), per connection, as nginx
   request arrived (one event, `client_header_timeout`), a plain close if nothing did.
 - keep-alive: an idle connection between requests is closed after `keepalive_s` (aiohttp's).
 - body: a request body that receives nothing for `body_s` while the gateway is reading it
-  fails with `ClientBodyTimeout`; the request's handler answers (the forwarder: 400
-  `client_body_error`, or 499 if the client left) and the connection is closed.
+  fails with `ClientBodyTimeout`; the request's handler answers (the forwarder: 408
+  `client_body_timeout`, or 499 if the client left) and the connection is closed.
 
 Limitation: bytes of a pipelined next request that arrive in the same segment as the end of
 the previous body are not seen as a started head; that connection waits at most `keepalive_s`.

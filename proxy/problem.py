@@ -21,6 +21,7 @@ PROBLEMS: Final[dict[str, tuple[int, str]]] = {
     "bad-path": (400, "Path not accepted"),
     "route-not-found": (404, "No route for this path"),
     "method-not-allowed": (405, "Method not allowed on this route"),
+    "request-timeout": (408, "Request body not received in time"),
     "payload-too-large": (413, "Request body too large for this route"),
     "uri-too-long": (414, "Request target too long"),
     "rate-limited": (429, "Too many requests"),
