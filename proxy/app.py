@@ -166,7 +166,9 @@ class Gateway:
                                         batch_size=events.batch_size,
                                         flush_interval_s=events.flush_interval_ms / 1000.0,
                                         buffer_max=events.buffer_max,
-                                        stream_maxlen=events.stream_maxlen)
+                                        stream_maxlen=events.stream_maxlen,
+                                        instance=settings.instance,
+                                        heartbeat_key=keys.event_emitters)
         self._emit: Callable[[RequestEvent], None] = (
             self.emitter.emit if self.emitter is not None else _discard)
         key_param = config.auth.api_keys.query_param

@@ -15,15 +15,21 @@ import contextlib
 import dataclasses
 import itertools
 import logging
+import os
+import secrets
+import socket
 import time
 from collections import deque
+from collections.abc import MutableSequence
 from typing import Any, Final
 
+import orjson
 import redis.asyncio as aioredis
 from prometheus_client import Counter, Gauge
 from redis.exceptions import RedisError
 
-from proxy.event import SCHEMA_VERSION, RequestEvent, encode_batch
+from proxy.event import SCHEMA_VERSION, RequestEvent, encode_batch, encode_dropped
+from proxy.policy import RedisKeys
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +44,62 @@ BUFFERED = Gauge("apigw_events_buffered", "Events waiting in emitter buffers")
 BATCHES = Counter("apigw_event_batches_total", "Stream entries (batches) written")
 SEND_ERRORS = Counter("apigw_event_send_errors_total", "Failed writes to the event stream")
 
+DropRange = tuple[int, int, str]  # seq_from, seq_to (inclusive), reason
+
+
+def emitter_identity(instance: str) -> str:
+    """A new emitter's identity: gateway instance, pid, random nonce."""
+    return f"{instance or socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+
+
+class SeqLedger:
+    """Where a worker's emitters publish their identity and last assigned number in memory
+    shared with the proxy's parent process, so that the parent can record the exact final
+    mark of a worker that was SIGKILLed (proxy/server.py). `counts[i]` is slot i's mark and
+    `names` holds `slots` identities of `NAME_BYTES` bytes, NUL-padded; an emitter takes the
+    next slot round-robin and clears it when it stops."""
+
+    NAME_BYTES: Final = 128
+
+    def __init__(self, counts: MutableSequence[int], names: Any) -> None:
+        self.counts = counts
+        self.names = names
+        self.slots = len(counts)
+        self._next = 0
+
+    def claim(self, identity: str) -> int:
+        slot = self._next % self.slots
+        self._next += 1
+        raw = identity.encode()
+        start = slot * self.NAME_BYTES
+        self.counts[slot] = 0
+        self.names[start:start + self.NAME_BYTES] = raw.ljust(self.NAME_BYTES, b"\0")
+        return slot
+
+    def release(self, slot: int) -> None:
+        start = slot * self.NAME_BYTES
+        self.names[start:start + self.NAME_BYTES] = b"\0" * self.NAME_BYTES
+        self.counts[slot] = 0
+
+    def marks(self) -> dict[str, int]:
+        """Identity -> last assigned number of every slot in use (read by the parent)."""
+        result: dict[str, int] = {}
+        for slot in range(self.slots):
+            start = slot * self.NAME_BYTES
+            name = bytes(self.names[start:start + self.NAME_BYTES]).rstrip(b"\0")
+            if name:
+                result[name.decode(errors="replace")] = int(self.counts[slot])
+        return result
+
+
+_ledger: SeqLedger | None = None
+
+
+def use_ledger(ledger: SeqLedger | None) -> None:
+    """Make emitters created from now on in this process publish their marks to `ledger`."""
+    global _ledger
+    _ledger = ledger
+
 
 class EventEmitter:
     """Bounded, batched, never-blocking telemetry pipe from a proxy worker to Redis."""
@@ -45,9 +107,15 @@ class EventEmitter:
     def __init__(self, redis: aioredis.Redis, stream: str, *, batch_size: int = 500,
                  flush_interval_s: float = 0.2, buffer_max: int = 100_000,
                  stream_maxlen: int = 1_000_000, send_timeout_s: float = 5.0,
-                 max_backoff_s: float = 5.0) -> None:
+                 max_backoff_s: float = 5.0, instance: str = "",
+                 heartbeat_key: str | None = None) -> None:
         if batch_size < 1 or buffer_max < 1:
             raise ValueError("batch_size and buffer_max must be at least 1")
+        self.identity = emitter_identity(instance)
+        self._heartbeat_key = heartbeat_key or RedisKeys().event_emitters
+        self._ledger = _ledger
+        fits = len(self.identity.encode()) <= SeqLedger.NAME_BYTES  # else: heartbeats only
+        self._ledger_slot = self._ledger.claim(self.identity) if self._ledger and fits else -1
         self._redis = redis
         self._stream = stream
         self._batch_size = batch_size
@@ -70,17 +138,27 @@ class EventEmitter:
         self._reported_dropped: dict[str, int] = {}
         self._drops_since_log = 0
         self._last_drop_log = 0.0
+        self._handed = 0  # the last number handed to Redis (events go out in order)
+        self._unreported: list[DropRange] = []  # dropped ranges not yet in a marker
+        self._last_beat = 0.0
+        self._closing = False  # the next heartbeat is the last one
 
     # -- hot path ------------------------------------------------------------------------
 
     def emit(self, event: RequestEvent) -> None:
-        """Queue one event. Never blocks, never raises; drops and counts when full."""
+        """Number and queue one event. Never blocks, never raises; drops and counts when
+        full."""
         self._emitted += 1
+        seq = self._emitted
+        if self._ledger_slot >= 0:
+            self._ledger.counts[self._ledger_slot] = seq  # type: ignore[union-attr]
         if self._closed:
-            self._drop("closed", 1)
+            self._drop("closed", 1, seq)
         elif len(self._buffer) >= self._buffer_max:
-            self._drop("buffer_full", 1)
+            self._drop("buffer_full", 1, seq)
         else:
+            event.gateway_emitter = self.identity
+            event.gateway_event_seq = seq
             self._buffer.append(event)
             if len(self._buffer) >= self._batch_size and not self._wake.is_set():
                 self._wake.set()
@@ -113,12 +191,25 @@ class EventEmitter:
                 self._send_errors += 1
                 log.warning("event flush at shutdown failed", extra={"error": repr(exc)[:200]})
                 await asyncio.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
-        if self._buffer:
-            left = len(self._buffer)
-            self._buffer.clear()
-            self._drop("shutdown", left)
+        while self._buffer:  # numbers in the buffer can have gaps (earlier drops)
+            self._drop("shutdown", 1, self._buffer.popleft().gateway_event_seq)
+        await self._say_goodbye(deadline)
+        if self._ledger_slot >= 0:
+            self._ledger.release(self._ledger_slot)  # type: ignore[union-attr]
+            self._ledger_slot = -1
         self._log_drops(force=True)
         self._report()
+
+    async def _say_goodbye(self, deadline: float) -> None:
+        """Report the last drops with a closing heartbeat: the accountant then settles this
+        emitter at once instead of waiting for its heartbeat to go stale. One short try: if
+        Redis is unreachable, the stale heartbeat says the same later."""
+        self._closing = True
+        try:
+            async with asyncio.timeout(max(0.2, deadline - time.monotonic())):
+                await self._send_some()
+        except (RedisError, OSError, TimeoutError) as exc:
+            log.warning("closing heartbeat not written", extra={"error": repr(exc)[:200]})
 
     @property
     def stats(self) -> dict[str, int]:
@@ -146,7 +237,7 @@ class EventEmitter:
             if self._closed:
                 return  # stop() flushes the rest
             try:
-                while self._buffer:
+                while True:  # with an empty buffer: drop reports and the heartbeat only
                     async with asyncio.timeout(self._send_timeout_s):
                         await self._send_some()
                     if len(self._buffer) < self._batch_size:
@@ -168,41 +259,63 @@ class EventEmitter:
             self._report()
 
     async def _send_some(self) -> None:
-        """Write up to _MAX_BATCHES_PER_TRIP batches from the head of the buffer in one round
-        trip; remove them from the buffer only once Redis accepted them."""
+        """Write up to _MAX_BATCHES_PER_TRIP batches from the head of the buffer, the drop
+        reports and the heartbeat in one round trip; remove the events from the buffer only
+        once Redis accepted them. With nothing to send, beat at most once per flush interval.
+        """
         count = min(len(self._buffer), self._batch_size * _MAX_BATCHES_PER_TRIP)
-        if count == 0:
+        now = time.monotonic()
+        closing = self._closing
+        if (count == 0 and not self._unreported and not closing
+                and now - self._last_beat < self._flush_interval_s):
             return
         events = list(itertools.islice(self._buffer, count))
-        payloads: list[tuple[bytes, int]] = []
-        invalid = 0
+        payloads: list[bytes] = []
+        invalid: list[int] = []
         for start in range(0, count, self._batch_size):
-            payload, good = self._encode(events[start:start + self._batch_size])
-            invalid += len(events[start:start + self._batch_size]) - good
-            if good:
-                payloads.append((payload, good))
-        if payloads:
-            pipe: Any
+            payload, bad = self._encode(events[start:start + self._batch_size])
+            invalid.extend(bad)
+            if payload:
+                payloads.append(payload)
+        reports, self._unreported = self._unreported, []
+        trip_drops = [(seq, seq, "invalid_event") for seq in invalid]
+        handed = events[-1].gateway_event_seq if events else self._handed
+        pipe: Any
+        try:
             async with self._redis.pipeline(transaction=False) as pipe:
-                for payload, _ in payloads:
+                for payload in payloads:
                     pipe.xadd(self._stream, {"v": _SCHEMA, "b": payload},
                               maxlen=self._stream_maxlen, approximate=True)
+                if reports or trip_drops:
+                    pipe.xadd(self._stream, encode_dropped(self.identity,
+                                                           [*reports, *trip_drops]),
+                              maxlen=self._stream_maxlen, approximate=True)
+                pipe.hset(self._heartbeat_key, self.identity, orjson.dumps({
+                    "assigned": self._emitted, "handed": handed, "at": time.time(),
+                    "closed": closing}))
                 await pipe.execute()
+        except BaseException:
+            self._unreported = reports + self._unreported  # reported with the next trip
+            raise
+        self._last_beat = now
+        self._handed = handed
         for _ in range(count):
             self._buffer.popleft()
-        self._sent += count - invalid
+        self._sent += count - len(invalid)
         self._batches += len(payloads)
-        if invalid:
-            self._drop("invalid_event", invalid)
+        if invalid:  # already reported in this trip's marker
+            self._count_drop("invalid_event", len(invalid))
 
     @staticmethod
-    def _encode(events: list[RequestEvent]) -> tuple[bytes, int]:
-        """The batch payload and how many events it holds; an event that cannot be
-        serialised (a bug upstream of here) is left out instead of blocking the stream."""
+    def _encode(events: list[RequestEvent]) -> tuple[bytes, list[int]]:
+        """The batch payload (b"" if no event in it is valid) and the numbers of the events
+        left out: an event that cannot be serialised (a bug upstream of here) is dropped
+        instead of blocking the stream."""
         try:
-            return encode_batch(events), len(events)
+            return encode_batch(events), []
         except TypeError:
             good = []
+            bad = []
             for event in events:
                 try:
                     encode_batch([event])
@@ -211,14 +324,25 @@ class EventEmitter:
                     try:
                         encode_batch([event])
                     except TypeError:
+                        bad.append(event.gateway_event_seq)
                         continue
                 good.append(event)
-            if len(good) < len(events):
-                log.error("unserialisable events dropped",
-                          extra={"count": len(events) - len(good)})
-            return (encode_batch(good), len(good)) if good else (b"", 0)
+            if bad:
+                log.error("unserialisable events dropped", extra={"count": len(bad)})
+            return (encode_batch(good) if good else b""), bad
 
-    def _drop(self, reason: str, count: int) -> None:
+    def _drop(self, reason: str, count: int, first_seq: int) -> None:
+        """Count `count` dropped events numbered from `first_seq` and queue their report."""
+        self._count_drop(reason, count)
+        last = first_seq + count - 1
+        if self._unreported:
+            low, high, previous = self._unreported[-1]
+            if previous == reason and high + 1 == first_seq:
+                self._unreported[-1] = (low, last, reason)
+                return
+        self._unreported.append((first_seq, last, reason))
+
+    def _count_drop(self, reason: str, count: int) -> None:
         self._dropped[reason] = self._dropped.get(reason, 0) + count
         self._drops_since_log += count
 

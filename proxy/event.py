@@ -6,7 +6,13 @@ Python, on the wire and as the ClickHouse column. Gateway facts have plain names
 Never put the Authorization header, cookies or credential query parameters in an event.
 
 Wire format on the Redis Stream: one stream entry per batch, fields
-`v` (schema version) and `b` (an orjson array of event objects). See docs/events.md.
+`v` (schema version) and `b` (an orjson array of event objects). An emitter also writes
+"dropped" markers, fields `v`, `k` = `dropped` and `d` (an orjson object naming the emitter
+and the sequence ranges it dropped, by reason). See docs/events.md.
+
+Every event carries its emitter's identity and a gap-free sequence number
+(`gateway_emitter`, `gateway_event_seq`, from 1), so the collector can tell which events of
+an emitter never arrived (docs/reliability.md, "Loss accounting").
 """
 
 from __future__ import annotations
@@ -56,8 +62,10 @@ class RequestEvent:
     ratelimit_outcome: str = "none"  # none | allowed | limited | shadow_limited | error
     ratelimit_policy_id: str = ""
     ratelimit_mode: str = ""  # enforce | shadow | off
-    cache_outcome: str = "none"  # none | hit | miss | bypass
+    cache_outcome: str = "none"  # none | hit | miss | bypass | coalesced | unavailable
     retries: int = 0
+    gateway_emitter: str = ""  # the emitter that numbered it: instance:pid:nonce
+    gateway_event_seq: int = 0  # that emitter's gap-free event number, from 1 (0: unnumbered)
 
 
 EVENT_FIELDS: Final[tuple[str, ...]] = tuple(f.name for f in dataclasses.fields(RequestEvent))
@@ -91,6 +99,44 @@ def decode_batch(version: bytes | str, payload: bytes) -> list[dict[str, Any]]:
         if missing:
             raise EventDecodeError(f"event lacks required fields {missing}")
     return items
+
+
+MARKER_KIND: Final = "dropped"
+
+
+@dataclass(frozen=True, slots=True)
+class DroppedRange:
+    """Events `seq_from`..`seq_to` (inclusive) of one emitter, dropped by it for `reason`."""
+
+    emitter: str
+    seq_from: int
+    seq_to: int
+    reason: str
+
+
+def encode_dropped(emitter: str, ranges: list[tuple[int, int, str]]) -> dict[str, bytes]:
+    """The stream entry fields of a dropped marker: (seq_from, seq_to, reason) ranges."""
+    return {"v": str(SCHEMA_VERSION).encode(), "k": MARKER_KIND.encode(),
+            "d": orjson.dumps({"emitter": emitter, "ranges": ranges})}
+
+
+def decode_dropped(payload: bytes) -> list[DroppedRange]:
+    """Parse a dropped marker's `d` field; raise EventDecodeError if it is poison."""
+    try:
+        body = orjson.loads(payload)
+        emitter, ranges = body["emitter"], body["ranges"]
+        if not isinstance(emitter, str) or not emitter or not isinstance(ranges, list):
+            raise TypeError("emitter or ranges of the wrong type")
+        result = [DroppedRange(emitter, int(low), int(high), str(reason))
+                  for low, high, reason in ranges
+                  if type(low) is int and type(high) is int and type(reason) is str]
+    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        raise EventDecodeError(f"dropped marker is not valid: {exc}") from exc
+    if len(result) != len(ranges) or any(r.seq_from < 1 or r.seq_to < r.seq_from or
+                                         not r.reason for r in result):
+        raise EventDecodeError("dropped marker has a range that is not [from >= 1, to >= from, "
+                               "reason]")
+    return result
 
 
 _REQUIRED: Final = tuple(

@@ -165,6 +165,12 @@ class RedisKeys:
         self.analytics_lock = f"{prefix}:analytics:leader"  # lease held by the acting instance
 
     def policy_history(self, policy_id: str) -> str:
+        # Event loss accounting (docs/reliability.md): hash emitter id -> heartbeat JSON
+        # {assigned, handed, at, closed}; hash emitter id -> final "assigned" mark of a worker
+        # that died (written by the proxy's parent); the lease of the collectors' accountant.
+        self.event_emitters = f"{prefix}:events:emitters"
+        self.event_emitter_deaths = f"{prefix}:events:emitters:deaths"
+        self.loss_accountant_lock = f"{prefix}:events:accountant"
         """List of every version of one policy, newest first."""
         return f"{self.prefix}:policy_history:{policy_id}"
 

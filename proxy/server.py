@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -51,6 +52,7 @@ if TYPE_CHECKING:
     from aiohttp import web
 
     from proxy.app import Gateway
+    from proxy.emitter import SeqLedger
     from proxy.reload import LiveGateway
 
 log = logging.getLogger(__name__)
@@ -58,6 +60,8 @@ log = logging.getLogger(__name__)
 _MULTIPROC_ENV: Final = "PROMETHEUS_MULTIPROC_DIR"
 _CRASH_WINDOW_S: Final = 30.0
 _CRASH_LIMIT: Final = 5
+_LEDGER_SLOTS: Final = 4  # emitters alive at once in a worker (a reload overlaps two)
+_DEATH_WRITE_MAX_BACKOFF_S: Final = 5.0
 
 
 def serve(config_path: Path, settings: ProxySettings) -> int:
@@ -290,9 +294,13 @@ async def _run_single(config: GatewayConfig, settings: ProxySettings,
 # --- N workers --------------------------------------------------------------------------------
 
 def _worker_main(config: GatewayConfig, settings: ProxySettings, ready: ProcessEvent,
-                 config_path: Path | None = None) -> None:
+                 config_path: Path | None = None, ledger: tuple[Any, Any] | None = None) -> None:
     """Entry point of a spawned worker process."""
     configure("proxy", settings.log_level)
+    if ledger is not None:  # event numbers shared with the parent (loss accounting)
+        from proxy.emitter import SeqLedger, use_ledger
+
+        use_ledger(SeqLedger(*ledger))
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the loop's reload handler is set
     settings = settings.for_worker()
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
@@ -316,10 +324,12 @@ async def _run_worker(config: GatewayConfig, settings: ProxySettings,
 
 
 class _Worker:
-    def __init__(self, slot: int, process: SpawnProcess, ready: ProcessEvent) -> None:
+    def __init__(self, slot: int, process: SpawnProcess, ready: ProcessEvent,
+                 ledger: SeqLedger) -> None:
         self.slot = slot
         self.process = process
         self.ready = ready
+        self.ledger = ledger
 
 
 class _Supervisor:
@@ -335,14 +345,20 @@ class _Supervisor:
         self.restarts = 0
         self._crashes: list[float] = []
         self.stopping = False
+        self._redis: aioredis.Redis | None = None
+        self._death_writes: set[asyncio.Task[None]] = set()
 
     def _spawn(self, slot: int) -> None:
+        from proxy.emitter import SeqLedger
+
         ready = self.context.Event()
+        counts = self.context.RawArray("q", _LEDGER_SLOTS)
+        names = self.context.RawArray("c", _LEDGER_SLOTS * SeqLedger.NAME_BYTES)
         process = self.context.Process(target=_worker_main, name=f"apigw-proxy-{slot}",
                                        args=(self.config, self.settings, ready,
-                                             self.config_path))
+                                             self.config_path, (counts, names)))
         process.start()
-        self.workers[slot] = _Worker(slot, process, ready)
+        self.workers[slot] = _Worker(slot, process, ready, SeqLedger(counts, names))
         log.info("worker started", extra={"slot": slot, "worker_pid": process.pid})
 
     async def run(self) -> int:
@@ -354,6 +370,7 @@ class _Supervisor:
 
         stop = _stop_event()
         redis = make_redis(self.settings)
+        self._redis = redis
         admin: web.AppRunner | None = None
         code = 0
         loop = asyncio.get_running_loop()
@@ -398,10 +415,46 @@ class _Supervisor:
             with contextlib.suppress(asyncio.CancelledError):
                 await watcher
             await self._stop_workers()
+            if self._death_writes:
+                await asyncio.wait(self._death_writes, timeout=5)
+                for task in self._death_writes:
+                    task.cancel()
             if admin is not None:
                 await admin.cleanup()
             await redis.aclose()
         return code
+
+    def _record_death(self, worker: _Worker) -> None:
+        """A worker died without stopping its emitters: record the exact last number each of
+        them assigned, so the collector counts the events lost with its buffer."""
+        marks = worker.ledger.marks()
+        if not marks or self._redis is None:
+            return
+        from proxy.policy import RedisKeys
+
+        key = RedisKeys(self.settings.key_prefix).event_emitter_deaths
+        now = time.time()
+        records = {emitter: json.dumps({"assigned": assigned, "at": now})
+                   for emitter, assigned in marks.items()}
+        log.warning("worker died holding events; recording its marks",
+                    extra={"worker_pid": worker.process.pid, "emitters": marks})
+        redis = self._redis
+
+        async def write() -> None:
+            delay = 0.5
+            while True:  # until Redis takes it (or the proxy stops)
+                try:
+                    await redis.hset(key, mapping=records)  # type: ignore[arg-type]
+                    return
+                except Exception as exc:  # Redis down: the record waits here
+                    log.warning("dead worker's event marks not recorded yet; retrying",
+                                extra={"error": repr(exc)[:200], "retry_in_s": delay})
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, _DEATH_WRITE_MAX_BACKOFF_S)
+
+        task = asyncio.get_running_loop().create_task(write())
+        self._death_writes.add(task)
+        task.add_done_callback(self._death_writes.discard)
 
     async def _watch(self, interval_s: float, on_change: Callable[[], None]) -> None:
         from proxy.reload import file_stamp
@@ -446,6 +499,7 @@ class _Supervisor:
             pid, exitcode = worker.process.pid, worker.process.exitcode
             if pid is not None:
                 multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]
+            self._record_death(worker)
             now = time.monotonic()
             self._crashes = [t for t in self._crashes if now - t < _CRASH_WINDOW_S] + [now]
             if len(self._crashes) > _CRASH_LIMIT:
@@ -477,6 +531,8 @@ class _Supervisor:
                 log.error("worker did not stop in time; killing",
                           extra={"worker_pid": worker.process.pid})
                 worker.process.kill()
+                worker.process.join(5)
+                self._record_death(worker)
             worker.process.join(5)
             if worker.process.exitcode not in (0, None):
                 log.warning("worker exited with an error",
