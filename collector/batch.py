@@ -31,7 +31,16 @@ import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from proxy.event import EVENT_FIELDS, SCHEMA_VERSION, EventDecodeError, RequestEvent, decode_batch
+from collector.loss import DEAD_LETTERED, LossRange, dropped_reason, ranges_of
+from proxy.event import (
+    EVENT_FIELDS,
+    MARKER_KIND,
+    SCHEMA_VERSION,
+    EventDecodeError,
+    RequestEvent,
+    decode_batch,
+    decode_dropped,
+)
 
 Entry = tuple[str, dict[bytes, bytes] | None]
 
@@ -236,6 +245,7 @@ class Batch:
     table: pa.Table
     events_in: int  # events in decodable entries, stored or not
     dead: list[DeadLetter]
+    losses: list[LossRange] = dataclasses.field(default_factory=list)  # to record in event_loss
 
     @property
     def rows(self) -> int:
@@ -243,7 +253,7 @@ class Batch:
 
 
 def _strict_entry(entry_id: str, fields: dict[bytes, bytes], batches: list[pa.RecordBatch],
-                  dead: list[DeadLetter]) -> int:
+                  dead: list[DeadLetter], losses: list[LossRange]) -> int:
     """Decode one entry event by event; return the number of events it held."""
     try:
         version = fields.get(b"v")
@@ -264,12 +274,40 @@ def _strict_entry(entry_id: str, fields: dict[bytes, bytes], batches: list[pa.Re
             rejected.append(event)
             reasons.add(str(exc))
     if rejected:
+        losses.extend(_numbered(rejected))
         dead.append(DeadLetter(
             entry_id, f"{len(rejected)} event(s) with bad fields: " + "; ".join(
                 sorted(reasons)[:5]), {b"v": _VERSION, b"b": orjson.dumps(rejected)}))
     if rows:
         batches.append(_rows_batch(rows))
     return len(events)
+
+
+def _numbered(events: list[dict[str, Any]]) -> list[LossRange]:
+    """Loss ranges (dead_lettered) of the numbered events among `events`."""
+    by_emitter: dict[str, list[int]] = {}
+    for event in events:
+        emitter, seq = event.get("gateway_emitter"), event.get("gateway_event_seq")
+        if type(emitter) is str and emitter and type(seq) is int and seq > 0:
+            by_emitter.setdefault(emitter, []).append(seq)
+    return [r for emitter, seqs in by_emitter.items()
+            for r in ranges_of(emitter, seqs, DEAD_LETTERED)]
+
+
+def _marker_entry(entry_id: str, fields: dict[bytes, bytes], losses: list[LossRange],
+                  dead: list[DeadLetter]) -> None:
+    """A non-event entry: a "dropped" marker becomes loss ranges; anything else is poison."""
+    try:
+        if fields.get(b"k") != MARKER_KIND.encode():
+            raise EventDecodeError(f"unknown entry kind {fields.get(b'k')!r}")
+        if fields.get(b"v") != _VERSION:
+            raise EventDecodeError(f"unsupported marker version {fields.get(b'v')!r}")
+        dropped = decode_dropped(fields.get(b"d") or b"")
+    except EventDecodeError as exc:
+        dead.append(DeadLetter(entry_id, f"undecodable entry: {exc}", fields))
+        return
+    losses.extend(LossRange(d.emitter, d.seq_from, d.seq_to, dropped_reason(d.reason))
+                  for d in dropped)
 
 
 @contextlib.contextmanager
@@ -287,6 +325,7 @@ def build_batch(entries: Sequence[Entry]) -> Batch:
     """Decode and convert stream entries; poison entries and bad events become dead letters."""
     batches: list[pa.RecordBatch] = []
     dead: list[DeadLetter] = []
+    losses: list[LossRange] = []
     events_in = 0
     with _gc_paused():
         for entry_id, fields in entries:
@@ -294,12 +333,15 @@ def build_batch(entries: Sequence[Entry]) -> Batch:
                 dead.append(DeadLetter(entry_id, "entry was deleted from the stream before it "
                                                  "was stored (stream trimmed by MAXLEN?)", {}))
                 continue
+            if b"b" not in fields and b"k" in fields:
+                _marker_entry(entry_id, fields, losses, dead)
+                continue
             fast = _fast_batch(fields)
             if fast is not None:
                 events_in += fast.num_rows
                 if fast.num_rows:
                     batches.append(fast)
             else:
-                events_in += _strict_entry(entry_id, fields, batches, dead)
+                events_in += _strict_entry(entry_id, fields, batches, dead, losses)
         table = pa.Table.from_batches(batches, schema=SCHEMA)
-    return Batch([entry_id for entry_id, _ in entries], table, events_in, dead)
+    return Batch([entry_id for entry_id, _ in entries], table, events_in, dead, losses)

@@ -21,6 +21,9 @@ Delivery guarantees, and how:
   type, goes to the dead-letter stream with the reason, then is acknowledged.
 - ClickHouse down: the insert is retried with exponential back-off, nothing is acknowledged,
   the stream holds the backlog and the lag gauges show it.
+- Counted loss: "dropped" markers of the emitters (and events dead-lettered for bad fields)
+  are recorded in `event_loss` with the batch, before the acknowledgement; the loss
+  accountant (collector/loss.py) runs beside the loop and records what never arrived.
 """
 
 from __future__ import annotations
@@ -33,7 +36,6 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-import pyarrow as pa
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
@@ -48,6 +50,7 @@ from collector.batch import (
     event_row,
 )
 from collector.clickhouse import SharedClient
+from collector.loss import LossAccountant, count_losses, record_losses
 from collector.settings import CollectorSettings
 
 __all__ = ["COLUMNS", "Batch", "Collector", "RowError", "batch_token", "build_batch",
@@ -99,6 +102,7 @@ class Collector:
         self._next_lag = 0.0
         self._group_ready = False
         self.last_insert_error: str | None = None  # set while a batch keeps failing
+        self.accountant = LossAccountant(settings, redis, ch)
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -107,17 +111,26 @@ class Collector:
         log.info("collector started", extra={"stream": self.stream, "group": self.group,
                                              "consumer": self.consumer})
         backoff = self.settings.retry_initial_s
-        while not stop.is_set():
-            try:
-                await self.step(stop)
-                backoff = self.settings.retry_initial_s
-            except (RedisError, OSError) as exc:
-                log.warning("redis error; retrying", extra={"error": repr(exc),
-                                                            "retry_in_s": backoff})
-                self._own_pending = True
-                await _sleep(stop, backoff)
-                backoff = min(backoff * 2, self.settings.retry_max_s)
-        log.info("collector stopped", extra={"stats": dict(self.stats)})
+        accounting = asyncio.create_task(self.accountant.run(stop), name="loss-accountant") \
+            if self.settings.loss_accounting else None
+        try:
+            while not stop.is_set():
+                try:
+                    await self.step(stop)
+                    backoff = self.settings.retry_initial_s
+                except (RedisError, OSError) as exc:
+                    log.warning("redis error; retrying", extra={"error": repr(exc),
+                                                                "retry_in_s": backoff})
+                    self._own_pending = True
+                    await _sleep(stop, backoff)
+                    backoff = min(backoff * 2, self.settings.retry_max_s)
+        finally:
+            if accounting is not None:
+                accounting.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await accounting
+        log.info("collector stopped", extra={"stats": dict(self.stats),
+                                             "lost": self.accountant.lost})
 
     async def drain(self, idle_s: float = 0.5, timeout_s: float = 30) -> int:
         """Process until nothing new or pending arrived for `idle_s`; return rows written."""
@@ -263,7 +276,8 @@ class Collector:
         batch = await asyncio.to_thread(_build_timed, entries)
         while True:
             self._count_read(entries, batch)
-            insert = asyncio.create_task(self._insert(batch, stop)) if batch.rows else None
+            insert = asyncio.create_task(self._insert(batch, stop)) \
+                if batch.rows or batch.losses else None
             following: list[Entry] = []
             following_batch: Batch | None = None
             if prefetch and len(entries) >= self.settings.read_count and not stop.is_set():
@@ -296,6 +310,7 @@ class Collector:
         self.stats["batches"] += 1
         self.stats["rows_written"] += batch.rows
         metrics.ROWS_WRITTEN.inc(batch.rows)
+        count_losses(batch.losses)
         if batch.dead:
             self.stats["dead_lettered"] += len(batch.dead)
             metrics.DEAD_LETTERED.inc(len(batch.dead))
@@ -310,7 +325,7 @@ class Collector:
         while True:
             started = time.perf_counter()
             try:
-                await asyncio.to_thread(self._insert_sync, batch.table, token)
+                await asyncio.to_thread(self._insert_sync, batch, token)
             except Exception as exc:  # any failure: the stream keeps the batch, try again
                 self.stats["insert_errors"] += 1
                 self.last_insert_error = f"{type(exc).__name__}: {str(exc)[:200]}"
@@ -326,14 +341,16 @@ class Collector:
             metrics.BATCH_ROWS.observe(batch.rows)
             return True
 
-    def _insert_sync(self, table: pa.Table, token: str) -> None:
+    def _insert_sync(self, batch: Batch, token: str) -> None:
         with self.ch.lock:
             started = time.thread_time()
             try:
-                self.ch.client.insert_arrow(
-                    "events", table,
-                    settings={"insert_deduplication_token": token,
-                              "deduplicate_blocks_in_dependent_materialized_views": 1})
+                if batch.rows:
+                    self.ch.client.insert_arrow(
+                        "events", batch.table,
+                        settings={"insert_deduplication_token": token,
+                                  "deduplicate_blocks_in_dependent_materialized_views": 1})
+                record_losses(self.ch.client, batch.losses)
             finally:
                 metrics.INSERT_CPU.inc(time.thread_time() - started)
 

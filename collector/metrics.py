@@ -30,3 +30,7 @@ DECODE_CPU = Counter("apigw_collector_decode_cpu_seconds_total",
 INSERT_CPU = Counter("apigw_collector_insert_cpu_seconds_total",
                      "CPU time of the inserting thread (with the embedded store it includes the "
                      "engine's work in that thread).")
+EVENTS_LOST = Counter("apigw_events_lost_total",
+                      "Events that will never be rows, by reason: dropped_<reason> (reported by "
+                      "the emitter), dead_lettered, trimmed, worker_killed (docs/reliability.md).",
+                      ["reason"])

@@ -33,7 +33,8 @@ Migration = tuple[int, str, list[str]]
 DEDUPLICATION_WINDOW: Final = 10_000  # insert blocks remembered per table
 ROLLUP_TABLES: Final = ("events_1m", "events_client_1m")
 RETENTION_TABLES: Final = {"events": "toDateTime(timestamp)", "events_1m": "minute",
-                           "events_client_1m": "minute"}
+                           "events_client_1m": "minute", "event_seq_blocks": "inserted_at",
+                           "event_loss": "toDateTime(detected_at)"}
 
 _EVENTS = f"""
 CREATE TABLE IF NOT EXISTS events
@@ -221,6 +222,61 @@ DURATION_QUANTILES: Final = (
     "quantilesTDigestMerge(0.5, 0.95, 0.99)(duration_td), "
     "quantilesMerge(0.5, 0.95, 0.99)(duration_q))")
 
+# Migration 6: loss accounting (docs/reliability.md). Every event carries its emitter and that
+# emitter's gap-free sequence number. `event_seq_blocks` keeps, per insert block and emitter,
+# min/max/count of the numbers (a materialized view: no per-event work in Python), so finding
+# which numbers never arrived reads this small table, not `events`. `event_loss` holds the
+# counted loss: ranges the emitters reported dropped (`dropped_<reason>`), events
+# dead-lettered for bad fields, and gaps the accountant found (`trimmed`, `worker_killed`).
+# It is a ReplacingMergeTree keyed by (emitter, seq_from, reason): recording a range again
+# (a marker re-read after a crash, two accountants) changes nothing once merged; read FINAL.
+_EVENTS_ADD_EMITTER = ("ALTER TABLE events ADD COLUMN IF NOT EXISTS gateway_emitter "
+                       "LowCardinality(String) AFTER retries")
+_EVENTS_ADD_SEQ = ("ALTER TABLE events ADD COLUMN IF NOT EXISTS gateway_event_seq UInt64 "
+                   "CODEC(Delta, ZSTD(1)) AFTER gateway_emitter")
+
+_EVENT_SEQ_BLOCKS = f"""
+CREATE TABLE IF NOT EXISTS event_seq_blocks
+(
+    emitter String,
+    seq_min UInt64,
+    seq_max UInt64,
+    events UInt64,
+    inserted_at DateTime('UTC') DEFAULT now()
+)
+ENGINE = MergeTree
+ORDER BY (emitter, seq_min)
+TTL inserted_at + INTERVAL 30 DAY
+SETTINGS non_replicated_deduplication_window = {DEDUPLICATION_WINDOW}
+"""
+
+_EVENT_SEQ_BLOCKS_MV = """
+CREATE MATERIALIZED VIEW IF NOT EXISTS event_seq_blocks_mv TO event_seq_blocks AS
+SELECT
+    gateway_emitter AS emitter,
+    min(gateway_event_seq) AS seq_min,
+    max(gateway_event_seq) AS seq_max,
+    count() AS events
+FROM events
+WHERE gateway_emitter != '' AND gateway_event_seq > 0
+GROUP BY gateway_emitter
+"""
+
+_EVENT_LOSS = """
+CREATE TABLE IF NOT EXISTS event_loss
+(
+    emitter String,
+    seq_from UInt64,
+    seq_to UInt64,
+    events UInt64,
+    reason LowCardinality(String),
+    detected_at DateTime64(3, 'UTC')
+)
+ENGINE = ReplacingMergeTree
+ORDER BY (emitter, seq_from, reason)
+TTL toDateTime(detected_at) + INTERVAL 30 DAY
+"""
+
 _ANOMALIES = """
 CREATE TABLE IF NOT EXISTS anomalies
 (
@@ -265,6 +321,8 @@ MIGRATIONS: Final[list[Migration]] = [
     (3, "anomalies", [_ANOMALIES]),
     (4, "rollup_latency_tdigest", [_EVENTS_1M_ADD_TD, _EVENTS_1M_MV_TD]),
     (5, "reload_events_1m_mv", _EVENTS_1M_MV_RELOAD),
+    (6, "event_loss_accounting", [_EVENTS_ADD_EMITTER, _EVENTS_ADD_SEQ, _EVENT_SEQ_BLOCKS,
+                                  _EVENT_SEQ_BLOCKS_MV, _EVENT_LOSS]),
 ]
 
 

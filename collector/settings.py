@@ -37,6 +37,16 @@ class CollectorSettings(CommonSettings):
                                    description="First back-off after a failed insert.")
     retry_max_s: float = Field(default=10.0, gt=0, description="Back-off cap.")
     listen: str = Field(default="127.0.0.1:9091", description="Admin endpoint HOST:PORT.")
+    loss_accounting: bool = Field(default=True,
+                                  description="Run the loss accountant (one active per group).")
+    loss_check_interval_s: float = Field(default=5.0, gt=0,
+                                         description="How often the accountant settles numbers.")
+    emitter_grace_s: float = Field(default=30.0, gt=0,
+                                   description="An emitter whose heartbeat is older is finished "
+                                               "(its worker died): its missing events are lost.")
+    loss_clock_margin_ms: int = Field(default=2000, ge=0,
+                                      description="Allowed clock difference between proxies and "
+                                                  "Redis when matching heartbeats to entries.")
 
     @model_validator(mode="after")
     def _backoff_bounds(self) -> CollectorSettings:

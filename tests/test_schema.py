@@ -114,7 +114,8 @@ def test_retention_is_applied_from_settings(client: Client) -> None:
     migrate(client)
     assert retention_days(client, "events") == 30
     assert apply_retention(client, 30) == []
-    assert apply_retention(client, 7) == ["events", "events_1m", "events_client_1m"]
+    assert apply_retention(client, 7) == ["events", "events_1m", "events_client_1m",
+                                          "event_seq_blocks", "event_loss"]
     assert apply_retention(client, 7) == []
     assert retention_days(client, "events_client_1m") == 7
 
@@ -150,7 +151,8 @@ def test_latency_tdigest_is_accurate_and_old_rows_stay_readable(client: Client) 
     first = int(time.time()) // 60 * 60 - 3600  # recent: the TTL drops older parts
     second = first + 60
     _insert(client, first, before)
-    assert migrate(client) == ["rollup_latency_tdigest", "reload_events_1m_mv"]
+    assert migrate(client) == ["rollup_latency_tdigest", "reload_events_1m_mv",
+                               "event_loss_accounting"]
     [(_, _, statements)] = [m for m in MIGRATIONS if m[0] == 4]
     for statement in statements:  # interrupted and run again: harmless
         client.command(statement)
