@@ -1,9 +1,11 @@
 """Stream entries -> one Arrow table for one ClickHouse insert, plus dead letters.
 
 Two paths, same result:
-- fast: per entry, `orjson.loads` then `pyarrow.RecordBatch.from_pylist` (type inference in
-  C++), then column-wise checks of type, nulls and range. No Python call per value, except a
-  bool check on the three float columns (Arrow would read `true` after a float as 1.0).
+- fast: per entry, `orjson.loads`, then one Arrow array per column with type inference in
+  C++ (a rows batch, the emitter's format: `zip(*rows)` makes the columns; an array of
+  objects: `pyarrow.RecordBatch.from_pylist`), then column-wise checks of type, nulls and
+  range. No Python call per value, except a bool check on the three float columns (Arrow
+  would read `true` after a float as 1.0).
 - strict: any entry the fast path does not accept whole (missing optional fields, a bad
   value, not JSON, ...) is decoded by `proxy.event.decode_batch` and converted event by event
   (`event_row`); poison entries and events with bad fields become dead letters with the
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import gc
 import math
 from collections.abc import Iterator, Sequence
@@ -40,6 +43,7 @@ from proxy.event import (
     RequestEvent,
     decode_batch,
     decode_dropped,
+    row_columns,
 )
 
 Entry = tuple[str, dict[bytes, bytes] | None]
@@ -85,6 +89,7 @@ assert tuple(c.name for c in COLUMNS) == EVENT_FIELDS
 SCHEMA: Final = pa.schema([pa.field(c.name, c.arrow, nullable=False) for c in COLUMNS])
 _FLOATISH: Final = tuple(itemgetter(c.name) for c in COLUMNS if c.kind in ("float", "timestamp"))
 _NUMBER_TYPES: Final = frozenset({float, int})
+_FLOAT_KINDS: Final = frozenset({"float", "timestamp"})
 
 
 # -- strict path: one event at a time ----------------------------------------------------------
@@ -175,7 +180,11 @@ def _fast_column(column: Column, decoded: pa.RecordBatch) -> pa.Array:
     index = decoded.schema.get_field_index(column.name)
     if index < 0:
         raise _NotFast  # an omitted optional field: the strict path fills the default
-    array = decoded.column(index)
+    return _checked(column, decoded.column(index))
+
+
+def _checked(column: Column, array: pa.Array) -> pa.Array:
+    """The column's array as stored; _NotFast if a value is of the wrong type or range."""
     if array.null_count:
         raise _NotFast
     kind, inferred = column.kind, array.type
@@ -203,6 +212,36 @@ def _fast_column(column: Column, decoded: pa.RecordBatch) -> pa.Array:
     return array
 
 
+def _fast_rows(columns: bytes, payload: bytes) -> pa.RecordBatch | None:
+    """A rows batch (fields `c` and `b`) as a record batch, or None (the strict path)."""
+    try:
+        names = _names(columns)
+        rows = orjson.loads(payload)
+        if type(rows) is not list:
+            return None
+        if not rows:
+            return _EMPTY
+        if set(map(type, rows)) != {list} or set(map(len, rows)) != {len(names)}:
+            return None
+        by_name = dict(zip(names, zip(*rows, strict=True), strict=True))
+        arrays = []
+        for column in COLUMNS:
+            values = by_name.get(column.name)
+            if values is None:
+                return None  # an omitted optional field: the strict path fills the default
+            if column.kind in _FLOAT_KINDS and not _NUMBER_TYPES.issuperset(map(type, values)):
+                return None  # e.g. a bool, which Arrow would take for 1.0
+            arrays.append(_checked(column, pa.array(values)))
+    except Exception:  # _NotFast or anything unusual: the strict path decides, and says why
+        return None
+    return pa.RecordBatch.from_arrays(arrays, schema=SCHEMA)
+
+
+@functools.lru_cache(maxsize=64)
+def _names(columns: bytes) -> tuple[str, ...]:
+    return row_columns(columns)
+
+
 def _fast_batch(fields: dict[bytes, bytes]) -> pa.RecordBatch | None:
     """The entry's events as a record batch, or None if the strict path must look at it."""
     if fields.get(b"v") != _VERSION:
@@ -210,6 +249,9 @@ def _fast_batch(fields: dict[bytes, bytes]) -> pa.RecordBatch | None:
     payload = fields.get(b"b")
     if payload is None:
         return None
+    columns = fields.get(b"c")
+    if columns is not None:
+        return _fast_rows(columns, payload)
     try:
         items = orjson.loads(payload)
         if type(items) is not list:
@@ -260,7 +302,7 @@ def _strict_entry(entry_id: str, fields: dict[bytes, bytes], batches: list[pa.Re
         payload = fields.get(b"b")
         if version is None or payload is None:
             raise EventDecodeError("entry lacks the fields v and b")
-        events = decode_batch(version, payload)
+        events = decode_batch(version, payload, fields.get(b"c"))
     except EventDecodeError as exc:
         dead.append(DeadLetter(entry_id, f"undecodable entry: {exc}", fields))
         return 0

@@ -28,7 +28,7 @@ import redis.asyncio as aioredis
 from prometheus_client import Counter, Gauge
 from redis.exceptions import RedisError
 
-from proxy.event import SCHEMA_VERSION, RequestEvent, encode_batch, encode_dropped
+from proxy.event import ROW_COLUMNS, SCHEMA_VERSION, RequestEvent, encode_dropped, encode_rows
 from proxy.policy import RedisKeys
 
 log = logging.getLogger(__name__)
@@ -284,7 +284,7 @@ class EventEmitter:
         try:
             async with self._redis.pipeline(transaction=False) as pipe:
                 for payload in payloads:
-                    pipe.xadd(self._stream, {"v": _SCHEMA, "b": payload},
+                    pipe.xadd(self._stream, {"v": _SCHEMA, "c": ROW_COLUMNS, "b": payload},
                               maxlen=self._stream_maxlen, approximate=True)
                 if reports or trip_drops:
                     pipe.xadd(self._stream, encode_dropped(self.identity,
@@ -312,24 +312,24 @@ class EventEmitter:
         left out: an event that cannot be serialised (a bug upstream of here) is dropped
         instead of blocking the stream."""
         try:
-            return encode_batch(events), []
+            return encode_rows(events), []
         except TypeError:
             good = []
             bad = []
             for event in events:
                 try:
-                    encode_batch([event])
+                    encode_rows([event])
                 except TypeError:
                     event = _valid_utf8(event)
                     try:
-                        encode_batch([event])
+                        encode_rows([event])
                     except TypeError:
                         bad.append(event.gateway_event_seq)
                         continue
                 good.append(event)
             if bad:
                 log.error("unserialisable events dropped", extra={"count": len(bad)})
-            return (encode_batch(good) if good else b""), bad
+            return (encode_rows(good) if good else b""), bad
 
     def _drop(self, reason: str, count: int, first_seq: int) -> None:
         """Count `count` dropped events numbered from `first_seq` and queue their report."""

@@ -450,7 +450,7 @@ async def dead_lettered(redis: aioredis.Redis) -> int:
     entries: Any = await redis.xrange(DEAD_STREAM)
     for _, fields in entries:
         try:
-            total += len(decode_batch(fields[b"v"], fields[b"b"]))
+            total += len(decode_batch(fields[b"v"], fields[b"b"], fields.get(b"c")))
         except Exception:  # an undecodable letter still stands for at least one event
             total += 1
     return total

@@ -23,7 +23,7 @@ from collector.clickhouse import SharedClient, make_client
 from collector.consumer import COLUMNS, Collector, batch_token, build_batch, event_row
 from collector.schema import DURATION_QUANTILES, migrate
 from collector.settings import CollectorSettings
-from proxy.event import EVENT_FIELDS, RequestEvent, encode_batch
+from proxy.event import EVENT_FIELDS, ROW_COLUMNS, RequestEvent, encode_batch, encode_rows
 from tests.processes import ManagedProcess, managed
 
 STREAM = "apigw:events"
@@ -71,7 +71,8 @@ async def add_events(redis: aioredis.Redis, n: int, per_entry: int = 100,
     ids = []
     for offset in range(start, start + n, per_entry):
         batch = make_events(min(per_entry, start + n - offset), start=offset)
-        entry_id = await redis.xadd(STREAM, {"v": b"1", "b": encode_batch(batch)})
+        entry_id = await redis.xadd(STREAM, {"v": b"1", "c": ROW_COLUMNS,
+                                             "b": encode_rows(batch)})
         ids.append(entry_id.decode())
     return ids
 
@@ -198,6 +199,39 @@ async def test_poison_entries_go_to_the_dead_letter_stream(
     assert dead[0][1][b"b"] == b"this is not json"  # the original fields travel along
     assert dead[2][1][b"something"] == b"else"
     assert orjson.loads(dead[4][1][b"b"]) == [bad_event]  # only the bad event
+
+
+async def test_poison_rows_entries_go_to_the_dead_letter_stream(
+        redis_client: aioredis.Redis, redis_url: str, chdb_dsn: str, ch: SharedClient) -> None:
+    """The emitter's rows format: a bad `c`, rows of the wrong width and a bad value are dead
+    letters (only the bad event of a batch); a `c` without optional fields fills defaults."""
+    good, bad = make_events(2, start=2000)
+    bad_row = list(dataclasses.astuple(bad))
+    bad_row[EVENT_FIELDS.index("http_response_status_code")] = 70_000  # past UInt16
+    required = [name for name in EVENT_FIELDS if name not in ("tenant", "plan")]
+    short = dataclasses.asdict(make_events(1, start=2002)[0])
+    entries = [
+        {"v": b"1", "c": b"timestamp,,url_path", "b": b"[]"},
+        {"v": b"1", "c": b"timestamp,timestamp", "b": b"[]"},
+        {"v": b"1", "c": ROW_COLUMNS, "b": orjson.dumps([[1.0, "too few values"]])},
+        {"v": b"1", "c": ROW_COLUMNS,
+         "b": orjson.dumps([list(dataclasses.astuple(good)), bad_row])},
+        {"v": b"1", "c": ",".join(required).encode(),
+         "b": orjson.dumps([[short[name] for name in required]])},
+    ]
+    ids = [(await redis_client.xadd(STREAM, fields)).decode() for fields in entries]
+    collector = Collector(_settings(redis_url, chdb_dsn), redis_client, ch)
+    assert await collector.drain() == 2
+    assert scalar(ch, "SELECT count() FROM events") == 2
+    assert scalar(ch, "SELECT countIf(request_id = 'req-2000') FROM events") == 1
+    assert scalar(ch, "SELECT tenant FROM events WHERE request_id = 'req-2002'") == ""
+    dead = await redis_client.xrange(DEAD)
+    assert [fields[b"source_id"].decode() for _, fields in dead] == ids[:4]
+    reasons = [fields[b"reason"].decode() for _, fields in dead]
+    assert all("not distinct non-empty names" in reason for reason in reasons[:2]), reasons
+    assert "rows of" in reasons[2]
+    assert "http_response_status_code" in reasons[3]
+    assert [event["request_id"] for event in orjson.loads(dead[3][1][b"b"])] == ["req-2001"]
 
 
 async def test_crash_between_insert_and_ack_duplicates_nothing(

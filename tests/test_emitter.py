@@ -34,7 +34,7 @@ async def _read_all(client: aioredis.Redis) -> list[dict[str, object]]:
     entries: Any = await client.xrange(STREAM)
     for _entry_id, fields in entries:
         if b"b" in fields:
-            events.extend(decode_batch(fields[b"v"], fields[b"b"]))
+            events.extend(decode_batch(fields[b"v"], fields[b"b"], fields.get(b"c")))
     return events
 
 

@@ -21,7 +21,14 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from apigw.redis_server import free_port
 from proxy.app import Gateway
 from proxy.config import GatewayConfig
-from proxy.event import SCHEMA_VERSION, RequestEvent, decode_batch, encode_batch
+from proxy.event import (
+    ROW_COLUMNS,
+    SCHEMA_VERSION,
+    RequestEvent,
+    decode_batch,
+    encode_batch,
+    encode_rows,
+)
 from proxy.forward import HOP_BY_HOP, response_headers
 from proxy.problem import PROBLEMS, problem_body
 from proxy.server import start_listener
@@ -153,6 +160,22 @@ def test_event_batches_round_trip(events: list[RequestEvent]) -> None:
     assert decoded == [dataclasses.asdict(event) for event in events]
 
 
+@settings(max_examples=300, deadline=None)
+@given(events=st.lists(_events(), min_size=1, max_size=5))
+def test_event_rows_round_trip_and_store_like_objects(events: list[RequestEvent]) -> None:
+    """The emitter's rows format decodes to the same events, and the collector turns a rows
+    entry and an objects entry of the same events into the same Arrow rows."""
+    from collector.batch import build_batch
+
+    version = str(SCHEMA_VERSION).encode()
+    decoded = decode_batch(version, encode_rows(events), ROW_COLUMNS)
+    assert decoded == [dataclasses.asdict(event) for event in events]
+    rows = build_batch([("1-0", {b"v": version, b"c": ROW_COLUMNS, b"b": encode_rows(events)})])
+    objects = build_batch([("1-0", {b"v": version, b"b": encode_batch(events)})])
+    assert (rows.rows, len(rows.dead)) == (objects.rows, len(objects.dead))
+    assert rows.table.equals(objects.table)
+
+
 @settings(max_examples=200, deadline=None)
 @given(user_agent=st.text(alphabet=st.characters(codec=None), max_size=20))
 def test_events_with_invalid_unicode_are_repaired_not_lost(user_agent: str) -> None:
@@ -163,9 +186,9 @@ def test_events_with_invalid_unicode_are_repaired_not_lost(user_agent: str) -> N
     event = RequestEvent(timestamp=1.0, request_id="r", http_request_method="GET",
                          url_path="/", http_response_status_code=200, duration_ms=1.0,
                          user_agent_original=user_agent)
-    payload, good = EventEmitter._encode([event])
-    assert good == 1
-    [decoded] = decode_batch(b"1", payload)
+    payload, dropped = EventEmitter._encode([event])
+    assert dropped == []
+    [decoded] = decode_batch(b"1", payload, ROW_COLUMNS)
     assert decoded["request_id"] == "r"
 
 

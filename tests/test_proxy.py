@@ -229,11 +229,11 @@ async def read_events(redis: aioredis.Redis, count: int, timeout: float = 10.0
     events: list[dict[str, Any]] = []
     while time.monotonic() < deadline:
         events = [event for fields in await stream_entries(redis)
-                  for event in decode_batch(fields[b"v"], fields[b"b"])]
+                  for event in decode_batch(fields[b"v"], fields[b"b"], fields.get(b"c"))]
         if len(events) >= count:
             await asyncio.sleep(0.2)
             return [event for fields in await stream_entries(redis)
-                    for event in decode_batch(fields[b"v"], fields[b"b"])]
+                    for event in decode_batch(fields[b"v"], fields[b"b"], fields.get(b"c"))]
         await asyncio.sleep(0.05)
     raise AssertionError(f"only {len(events)} of {count} events arrived")
 
