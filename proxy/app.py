@@ -7,7 +7,7 @@ hooks (Kong's phases):
             -> cors preflight (proxy/authz.py) -> route (proxy/routing.py)
             -> ip access (proxy/authz.py) -> authn (proxy/auth/step.py)
             -> scopes (proxy/authz.py) -> rate limit (proxy/ratelimit_step.py)
-            -> cache (proxy/cache.py) -> transform (proxy/transform.py)
+            -> cache (proxy/cache_step.py) -> transform (proxy/transform.py)
             -> aggregate (proxy/aggregate.py, answers aggregation routes)
             -> forward (proxy/forward.py, the terminal step)
 
@@ -40,7 +40,7 @@ from proxy.auth.apikeys import ApiKeyVerifier
 from proxy.auth.jwt import JwtVerifier
 from proxy.auth.step import AuthnStep
 from proxy.authz import CorsStep, IpAccessStep, ScopeStep
-from proxy.cache import CacheStep
+from proxy.cache_step import CacheStep
 from proxy.config import GatewayConfig, config_version
 from proxy.emitter import EventEmitter
 from proxy.event import RequestEvent
@@ -195,7 +195,7 @@ class Gateway:
             ScopeStep(self.config.auth.realm),
             RateLimitStep(self.policies, self.limiter,
                           legacy_headers=self.config.ratelimit.legacy_headers),
-            *CacheStep.when_used(self.config.routes),
+            *CacheStep.when_used(self.config.routes, self.router, self.redis, self.settings),
             *TransformStep.when_used(self.config.routes),
             *AggregateStep.when_used(self.config.routes, self.forwarder.upstreams),
             self.forwarder,

@@ -183,6 +183,24 @@ class RedisKeys:
 
     @property
     def api_keys(self) -> str:
+    def cache_resource(self, route_id: str, resource: str) -> str:
+        """Response cache (proxy/cache_redis.py): the prefix of one cached resource's keys,
+        `resource` a digest of its path and query. Its entries, Vary'd names and index share
+        one hash tag, so an invalidation touches one Redis Cluster slot."""
+        return f"{self.prefix}:cache:{{{route_id}:{resource}}}"
+
+    def cache_entry(self, route_id: str, resource: str, variant: str) -> str:
+        """One stored response (`variant`: a digest of its whole cache key), with PX."""
+        return f"{self.cache_resource(route_id, resource)}:e:{variant}"
+
+    def cache_vary(self, route_id: str, resource: str, primary: str) -> str:
+        """The request headers the stored response's `Vary` names, for one primary key."""
+        return f"{self.cache_resource(route_id, resource)}:v:{primary}"
+
+    def cache_index(self, route_id: str, resource: str) -> str:
+        """Set of the entry and Vary keys of one resource (what invalidation deletes)."""
+        return f"{self.cache_resource(route_id, resource)}:i"
+
         """Hash: API-key digest -> ApiKeyRecord JSON (never the key itself)."""
         return f"{self.prefix}:apikeys"
 

@@ -7,7 +7,8 @@ order reversed: transform before cache, so the cache stores what the client gets
 The body is buffered only when some filter asks for it (`body_limit`) and it fits the
 largest such limit; a larger (or HEAD/204/304) response streams through as usual and the
 filters see `body=None` - they may still change status and headers. Used by the forwarder
-(`respond`) and by aggregation routes (`finish`), which have a body already.
+(`respond`) and by aggregation routes (`finish`), which have a body already. A filter may
+also have `async settle(ex)`, awaited once the filters ran and before the response is sent.
 """
 
 from __future__ import annotations
@@ -82,8 +83,18 @@ def apply_filters(ex: Exchange, response: BufferedResponse) -> None:
         response_filter.on_response(ex, response)
 
 
+async def settle(ex: Exchange) -> None:
+    """A filter's optional `async settle(ex)`: work that must be done before the client sees
+    the response (the cache's write or invalidation in Redis)."""
+    for response_filter in ex.response_filters:
+        pending = getattr(response_filter, "settle", None)
+        if pending is not None:
+            await pending(ex)
+
+
 async def finish(ex: Exchange, response: BufferedResponse) -> web.StreamResponse:
     """Send a buffered (or empty) response with the exchange's own headers."""
+    await settle(ex)
     headers = response.headers
     if response.body is not None:
         headers.popall("Content-Length", None)
@@ -100,6 +111,7 @@ async def finish(ex: Exchange, response: BufferedResponse) -> web.StreamResponse
 
 async def _stream(ex: Exchange, upstream: aiohttp.ClientResponse, response: BufferedResponse,
                   prefix: bytes) -> web.StreamResponse:
+    await settle(ex)
     request = ex.request
     event = ex.event
     response.headers.update(ex.response_headers)

@@ -15,7 +15,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from apigw.redis_server import free_port
-from proxy.cache import CacheStep
+from proxy.cache_step import CacheStep
 from proxy.config import GatewayConfig
 from tests import test_proxy as _proxy_tests
 from tests.test_proxy import GatewayFactory, read_events
@@ -233,3 +233,31 @@ async def test_authenticated_route_keys_on_the_principal(
     assert (a1[2], b1[2], a2[2]) == (b'{"n":1}', b'{"n":2}', b'{"n":1}')
     assert anonymous[0] == 401
     assert anonymous[1] == ""
+
+
+async def test_lru_store_keeps_its_indexes_consistent() -> None:
+    from proxy.cache_store import Entry, LruStore
+
+    store = LruStore("unit", max_bytes=10 * 1000)
+
+    def entry(primary: tuple[str, ...]) -> Entry:
+        return Entry(primary, 200, None, CIMultiDict(), b"", 0.0, 0.0, 60.0, 0.0, "", "", 1000)
+
+    for user in range(12):  # 12 principals x 1 Vary value on one resource; room for 10
+        primary = ("/me", "", f"user-{user}")
+        await store.put((*primary, "de"), ("accept-language",), entry(primary))
+    assert (len(store), store.bytes) == (10, 10 * 1000)
+    assert await store.lookup(("/me", "", "user-0"), {"accept-language": "de"}, 1.0) == (
+        None, None)  # evicted, and its Vary'd names with it
+    key, found = await store.lookup(("/me", "", "user-11"), {"accept-language": "de"}, 1.0)
+    assert found is not None
+    assert key == ("/me", "", "user-11", "de")
+    await store.put(("/other", "", "user-1", "de"), ("accept-language",),
+                    entry(("/other", "", "user-1")))
+    await store.invalidate(("/me", ""))
+    assert (len(store), store.bytes) == (1, 1000)
+    assert store._vary == {("/other", "", "user-1"): ("accept-language",)}
+    assert store._resources == {("/other", ""): {("/other", "", "user-1", "de")}}
+    expired = await store.lookup(("/other", "", "user-1"), {"accept-language": "de"}, 61.0)
+    assert expired == (("/other", "", "user-1", "de"), None)
+    assert (len(store), store.bytes, store._variants) == (0, 0, {})
