@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -178,11 +177,3 @@ class LiveGateway:
             await asyncio.gather(*self._retiring, return_exceptions=True)
         self.gateway.stopping = True
         await self.gateway.stop(timeout_s=timeout_s)
-
-
-def watch_interval_s() -> float:
-    """APIGW_CONFIG_WATCH_S: how often the config file is polled (0 disables; default 2)."""
-    try:
-        return max(0.0, float(os.environ.get("APIGW_CONFIG_WATCH_S", "2")))
-    except ValueError:
-        return 2.0

@@ -43,7 +43,6 @@ import uvloop
 
 from apigw.logs import configure
 from proxy.config import ConfigError, GatewayConfig, load_config
-from proxy.reload import watch_interval_s
 from proxy.settings import ProxySettings, parse_listen
 from proxy.tls import TlsError, TlsListener, check_tls, server_context
 
@@ -280,7 +279,7 @@ async def _run_single(config: GatewayConfig, settings: ProxySettings,
         try:
             return await _serve_gateway(config, settings, redis, stop, on_ready,
                                         reuse_port=False, config_path=config_path,
-                                        watch_s=watch_interval_s())
+                                        watch_s=settings.config_watch_s)
         except OSError as exc:
             log.error("cannot listen on the admin port",
                       extra={"listen": settings.admin_listen, "error": str(exc)})
@@ -382,7 +381,7 @@ class _Supervisor:
             task.add_done_callback(reloads.discard)
 
         loop.add_signal_handler(signal.SIGHUP, reload)
-        watcher = asyncio.create_task(self._watch(watch_interval_s(), reload))
+        watcher = asyncio.create_task(self._watch(self.settings.config_watch_s, reload))
         try:
             await seed_policies(self.config, self.settings, redis)
             for slot in range(self.settings.workers):

@@ -27,8 +27,12 @@ class ProxySettings(CommonSettings):
     workers: int = Field(default=1, ge=1, le=256, description="Worker processes sharing listen.")
     shutdown_grace_s: float = Field(default=10.0, ge=0, le=600,
                                     description="How long in-flight requests may finish.")
+    config_watch_s: float = Field(default=2.0, ge=0, le=3600,
+                                  description="How often the config file is polled for changes "
+                                              "(0: SIGHUP only).")
     redis_timeout_s: float = Field(default=0.1, gt=0, le=5,
-                                   description="Budget of a rate-limit check on the hot path.")
+                                   description="Budget of a Redis call on the hot path: a "
+                                               "rate-limit check, a Redis cache lookup.")
     redis_max_connections: int = Field(
         default=512, ge=4, le=100_000,
         description="Redis connections per worker; more concurrent commands wait for one.")
