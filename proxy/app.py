@@ -5,10 +5,13 @@ hooks (Kong's phases):
 
     STEPS = observe (proxy/metrics.py) -> identity (proxy/identity.py)
             -> cors preflight (proxy/authz.py) -> route (proxy/routing.py)
-            -> ip access (proxy/authz.py) -> authn (proxy/auth/step.py)
+            -> ip access (proxy/authz.py)
+            -> pre-auth rate limit, `ip` policies (proxy/ratelimit_step.py)
+            -> authn (proxy/auth/step.py)
             -> scopes (proxy/authz.py) -> rate limit (proxy/ratelimit_step.py)
             -> cache (proxy/cache_step.py) -> transform (proxy/transform.py)
             -> aggregate (proxy/aggregate.py, answers aggregation routes)
+            -> websocket sessions' in-flight slots (proxy/websocket.py)
             -> forward (proxy/forward.py, the terminal step)
 
 `access(ex)` runs in that order; a step that returns a response ends the request there (404,
@@ -50,13 +53,19 @@ from proxy.metrics import CONFIG_INFO, ObserveStep
 from proxy.policy import RedisKeys
 from proxy.policy_store import PolicyCache, PolicyStore
 from proxy.problem import problem_response
-from proxy.ratelimit_step import RateLimitStep, build_limiter
+from proxy.ratelimit_step import (
+    PreAuthRateLimitStep,
+    RateLimitChecks,
+    RateLimitStep,
+    build_limiter,
+)
 from proxy.response_filter import ResponseFilter
 from proxy.routing import MAX_PATH, CompiledRoute, Router, RouteStep
 from proxy.settings import ProxySettings
 from proxy.tls import ServerCertificate
 from proxy.tracing import GatewayTracer, RequestTrace, build_tracer
 from proxy.transform import TransformStep
+from proxy.websocket import WebSocketStep
 
 log = logging.getLogger(__name__)
 wire_log = logging.getLogger("proxy.wire")  # the HTTP server's own messages
@@ -88,9 +97,10 @@ _VERSIONS: Final = {(1, 1): "1.1", (1, 0): "1.0", (0, 9): "0.9"}
 class Exchange:
     """One request on its way through the chain: what steps learn and hand on."""
 
-    __slots__ = ("caller", "event", "observed", "path", "query", "raw_segments", "request",
-                 "request_id", "response_filters", "response_headers", "route", "segments",
-                 "trace", "traceparent", "trusted_peer")
+    __slots__ = ("caller", "event", "observed", "path", "query", "ratelimit_checks",
+                 "raw_segments", "request", "request_id", "response_filters",
+                 "response_headers", "route", "segments", "trace", "traceparent",
+                 "trusted_peer")
 
     def __init__(self, request: BaseRequest, event: RequestEvent, request_id: str,
                  traceparent: str, path: str, query: str) -> None:
@@ -109,6 +119,7 @@ class Exchange:
         self.observed = False
         self.response_filters: list[ResponseFilter] = []  # cache, transform (response phase)
         self.trace: RequestTrace | None = None  # set only when tracing is on
+        self.ratelimit_checks: RateLimitChecks | None = None  # set by the rate-limit steps
 
 
 class AccessHook(Protocol):
@@ -191,6 +202,8 @@ class Gateway:
             CorsStep(self.router),
             RouteStep(self.router),
             IpAccessStep(self.config.access),
+            PreAuthRateLimitStep(self.policies, self.limiter,
+                                 legacy_headers=self.config.ratelimit.legacy_headers),
             self.authn,
             ScopeStep(self.config.auth.realm),
             RateLimitStep(self.policies, self.limiter,
@@ -198,6 +211,7 @@ class Gateway:
             *CacheStep.when_used(self.config.routes, self.router, self.redis, self.settings),
             *TransformStep.when_used(self.config.routes),
             *AggregateStep.when_used(self.config.routes, self.forwarder.upstreams),
+            *WebSocketStep.when_used(self.config.routes, self.forwarder),
             self.forwarder,
         ]
 

@@ -522,6 +522,13 @@ class PolicyStore:
 
 
 Selected = tuple[Policy, str]
+PRE_AUTH_KEY_BY: Final = "ip"  # the only key known before authentication
+
+
+def is_pre_auth(policy: Policy) -> bool:
+    """Enforced before authentication: keyed by the client address alone, and not scoped to a
+    tenant or a plan (both come from the verified principal)."""
+    return policy.key_by == PRE_AUTH_KEY_BY and policy.tenant is None and policy.plan is None
 
 
 class PolicyCache:
@@ -578,18 +585,20 @@ class PolicyCache:
 
     def select(self, route_id: str, method: str, tenant: str,
                key_of: Callable[[str], str], plan: str = "",
-               quota: bool = False) -> Selected | None:
+               quota: bool = False, pre_auth: bool = False) -> Selected | None:
         """The most specific applicable policy and the rate-limit key it computes, or None.
 
         Rate-limit policies and quotas (`quota_period` set) are selected separately: with
-        `quota=True` only quotas are candidates, else only rate-limit policies."""
+        `quota=True` only quotas are candidates, else only rate-limit policies. With
+        `pre_auth=True` only policies `is_pre_auth` accepts are candidates (the phase before
+        authentication, when the client address is the only trustworthy key)."""
         try:
             if time.time() >= self._next_expiry:
                 self._rebuild(time.time())
-            combo = (route_id, method, tenant, plan, quota)
+            combo = (route_id, method, tenant, plan, quota, pre_auth)
             candidates = self._index.get(combo)
             if candidates is None:
-                candidates = self._candidates(route_id, method, tenant, plan, quota)
+                candidates = self._candidates(route_id, method, tenant, plan, quota, pre_auth)
                 if len(self._index) >= _INDEX_MAX:
                     self._index = {}
                 self._index[combo] = candidates
@@ -606,9 +615,10 @@ class PolicyCache:
     # -- internals -----------------------------------------------------------------------
 
     def _candidates(self, route_id: str, method: str, tenant: str, plan: str,
-                    quota: bool) -> tuple[Policy, ...]:
+                    quota: bool, pre_auth: bool) -> tuple[Policy, ...]:
         matching = [p for p in self._effective
-                    if p.is_quota is quota and p.applies_to(route_id, method, tenant, plan)]
+                    if p.is_quota is quota and p.applies_to(route_id, method, tenant, plan)
+                    and (not pre_auth or is_pre_auth(p))]
         matching.sort(key=lambda p: (-p.specificity, p.id))
         return tuple(matching)
 

@@ -9,6 +9,14 @@ limiter; closed: 503). An unexpected limiter error lets the request through.
 
 Tenants are isolated: the state key of a request with a tenant is prefixed by the tenant, so
 one tenant's clients never spend another tenant's budget even under the same key_by.
+
+Two phases (two chain steps over the same policies and limiter): `PreAuthRateLimitStep` runs
+before authentication and checks only policies keyed by `ip` alone with no tenant or plan
+(`policy_store.is_pre_auth`), so a client whose every request fails authentication is still
+limited, and a limited address gets its 429 before its credentials are checked.
+`RateLimitStep` runs after authentication with the usual selection; a policy the pre-auth
+phase already checked for this request is not checked (or counted) again. The RateLimit
+fields list the policies of both phases.
 """
 
 from __future__ import annotations
@@ -22,7 +30,7 @@ from aiohttp import web
 
 from proxy.config import RateLimit
 from proxy.policy import Mode, Policy, RedisKeys
-from proxy.policy_store import PolicyCache
+from proxy.policy_store import PolicyCache, Selected
 from proxy.problem import problem_response
 from proxy.ratelimit import (
     Decision,
@@ -79,8 +87,19 @@ def _window_of(policy: Policy) -> float:
     return policy.window_s
 
 
-class RateLimitStep:
-    """Chain step (see the module docstring)."""
+class RateLimitChecks:
+    """What the rate-limit phases of one request checked: the ids (never checked twice) and
+    the enforced checks with their decisions (the RateLimit fields)."""
+
+    __slots__ = ("enforced", "ids")
+
+    def __init__(self) -> None:
+        self.ids: set[str] = set()
+        self.enforced: list[tuple[Policy, Decision]] = []
+
+
+class _Limiting:
+    """What both phases share: the check of one policy, and the response fields."""
 
     def __init__(self, policies: PolicyCache, limiter: RateLimiter, *,
                  legacy_headers: bool = False) -> None:
@@ -89,28 +108,25 @@ class RateLimitStep:
         self.legacy_headers = legacy_headers
         self._last_error_log = 0.0
 
-    async def access(self, ex: Exchange) -> web.StreamResponse | None:
-        route, caller, event = ex.route, ex.caller, ex.event
-        assert route is not None
-        assert caller is not None
-        method, tenant, plan = event.http_request_method, caller.tenant, caller.plan
-        policies = self.policies
-        rate = policies.select(route.id, method, tenant, caller.key_of, plan)
-        quota = policies.select(route.id, method, tenant, caller.key_of, plan, quota=True)
-        if rate is None and quota is None:
-            return None
-        checked: list[tuple[Policy, Decision]] = []
+    async def _check_selected(self, ex: Exchange, selections: tuple[Selected | None, ...],
+                              tenant: str) -> web.StreamResponse | None:
+        checks = ex.ratelimit_checks
+        if checks is None:
+            checks = ex.ratelimit_checks = RateLimitChecks()
         response: web.StreamResponse | None = None
-        for selected in (rate, quota):
+        for selected in selections:
             if selected is None:
                 continue
             policy, key = selected
+            if policy.id in checks.ids:
+                continue
+            checks.ids.add(policy.id)
             if tenant:
                 key = tenant + _TENANT_SEP + key
-            response = await self._check(ex, policy, key, checked)
+            response = await self._check(ex, policy, key, checks.enforced)
             if response is not None:
                 break
-        return self._finish(ex, checked, response)
+        return self._finish(ex, checks.enforced, response)
 
     async def _check(self, ex: Exchange, policy: Policy, key: str,
                      checked: list[tuple[Policy, Decision]]) -> web.StreamResponse | None:
@@ -180,3 +196,34 @@ class RateLimitStep:
                 if name not in response.headers:
                     response.headers[name] = value
         return response
+
+
+class PreAuthRateLimitStep(_Limiting):
+    """Chain step before authentication: the policies keyed by the client address alone."""
+
+    async def access(self, ex: Exchange) -> web.StreamResponse | None:
+        route, caller = ex.route, ex.caller
+        assert route is not None
+        assert caller is not None
+        method, policies = ex.event.http_request_method, self.policies
+        rate = policies.select(route.id, method, "", caller.key_of, pre_auth=True)
+        quota = policies.select(route.id, method, "", caller.key_of, quota=True, pre_auth=True)
+        if rate is None and quota is None:
+            return None
+        return await self._check_selected(ex, (rate, quota), "")
+
+
+class RateLimitStep(_Limiting):
+    """Chain step after authentication (see the module docstring)."""
+
+    async def access(self, ex: Exchange) -> web.StreamResponse | None:
+        route, caller = ex.route, ex.caller
+        assert route is not None
+        assert caller is not None
+        method, tenant, plan = ex.event.http_request_method, caller.tenant, caller.plan
+        policies = self.policies
+        rate = policies.select(route.id, method, tenant, caller.key_of, plan)
+        quota = policies.select(route.id, method, tenant, caller.key_of, plan, quota=True)
+        if rate is None and quota is None:
+            return None
+        return await self._check_selected(ex, (rate, quota), tenant)
