@@ -105,6 +105,26 @@ GROUP BY minute, route_id, http_request_method, http_route, client
 ORDER BY route_id, http_request_method, http_route, minute, client
 """
 
+# Per client address of one endpoint and window, from raw events (bounded by the sort key
+# prefix, the window and LIMIT): the IP dimension the per-client rollup does not keep.
+ADDRESS_COLUMNS: Final = ["client_address", "requests", "auth_failures", "authenticated",
+                          "clients"]
+_ADDRESSES_SQL: Final = """
+SELECT client_address, count() AS requests,
+       countIf(auth_outcome = 'failure') AS auth_failures,
+       countIf(auth_outcome = 'success') AS authenticated,
+       groupUniqArray({max_clients:UInt32})(if(client_id != '', client_id, client_address))
+           AS clients
+FROM events
+WHERE route_id = {route_id:String} AND http_request_method = {method:String}
+  AND http_route = {http_route:String}
+  AND timestamp >= toDateTime64({start:Float64}, 3, 'UTC')
+  AND timestamp < toDateTime64({end:Float64}, 3, 'UTC')
+GROUP BY client_address
+ORDER BY auth_failures DESC, requests DESC, client_address
+LIMIT {limit:UInt32}
+"""
+
 _EXAMPLES_SQL: Final = """
 SELECT request_id, trace_id
 FROM events
@@ -287,6 +307,20 @@ async def examples(ch: SharedClient, endpoint: Endpoint, start: float, end: floa
     request_ids = [str(row[0]) for row in rows if row[0]]
     trace_ids = [str(row[1]) for row in rows if row[1]]
     return request_ids, trace_ids
+
+
+async def address_auth(ch: SharedClient, endpoint: Endpoint, start: float, end: float, *,
+                       limit: int = 100, max_clients: int = 20) -> pd.DataFrame:
+    """Per client address of one endpoint in [start, end): requests, auth failures, requests
+    that authenticated, and up to `max_clients` of the client values (client id, else the
+    address) seen from it. Columns ADDRESS_COLUMNS, most auth failures first."""
+    parameters = {"route_id": endpoint.route_id, "method": endpoint.method,
+                  "http_route": endpoint.http_route, "start": float(start), "end": float(end),
+                  "limit": int(limit), "max_clients": int(max_clients)}
+    rows = await asyncio.to_thread(_query_rows, ch, _ADDRESSES_SQL, parameters)
+    return pd.DataFrame(
+        [(str(row[0]), int(row[1]), int(row[2]), int(row[3]), [str(c) for c in row[4]])
+         for row in rows], columns=ADDRESS_COLUMNS)
 
 
 async def unmatched_paths(ch: SharedClient, method: str, start: float, end: float, *,

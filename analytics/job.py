@@ -15,6 +15,7 @@ import hashlib
 import logging
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Final
 
 import pandas as pd
@@ -36,6 +37,7 @@ from analytics.recommend import (
     contributors,
     current_policy,
     targeted_policy_id,
+    unauthenticated_addresses,
 )
 from analytics.scoring import detect_all
 from analytics.settings import AnalyticsSettings
@@ -63,6 +65,7 @@ ANOMALY_COLUMNS: Final = [
     "example_request_ids", "example_trace_ids", "summary",
 ]
 MAX_EXAMPLE_QUERIES: Final = 50  # per run: evidence is bounded, whatever is flagged
+MAX_ADDRESS_QUERIES: Final = 50  # per run: auth-failure windows looked at per client address
 # The per-client figure whose share names an anomaly's contributors (none: no blame).
 _METRIC_OF_KIND: Final[dict[AnomalyKind, str | None]] = {
     AnomalyKind.ERROR_SPIKE: "errors_5xx", AnomalyKind.CLIENT_DOMINANCE: "requests",
@@ -94,6 +97,17 @@ class RunReport(BaseModel):
     new_anomalies: int = 0  # of `anomalies`, how many were recorded by this run
     leader: bool = False  # False: computed only, nothing written
     guardrail_actions: list[str] = Field(default_factory=list)  # "<action> <rec id>: why"
+
+
+@dataclass
+class Unauthenticated:
+    """Of one endpoint's auth-failure bursts: the client addresses whose traffic never
+    authenticated (each with the anomalies behind it), and the client values seen from them
+    (a limit keyed by client id cannot reach traffic that fails authentication)."""
+
+    addresses: dict[str, list[Anomaly]] = field(default_factory=dict)
+    clients: set[str] = field(default_factory=set)
+    requests: dict[str, dict[pd.Timestamp, int]] = field(default_factory=dict)  # per minute
 
 
 def anomaly_id(endpoint: Endpoint, kind: str, window_start: float) -> str:
@@ -194,10 +208,11 @@ class AnalyticsJob:
         minutes = pd.to_datetime(detections["minute"], utc=True)
         flagged = detections[detections["flagged"].astype(bool) & (minutes >= recent_start)]
         mv_scores = await asyncio.to_thread(self._multivariate, frame, flagged, recent_start)
-        anomalies, client_frames, flagged_clients = await self._anomalies(flagged, now,
-                                                                          mv_scores)
+        anomalies, client_frames, flagged_clients, unauthenticated = await self._anomalies(
+            flagged, now, mv_scores)
         report.anomalies = anomalies
-        recommendations = await self._recommend(anomalies, client_frames, flagged_clients, now)
+        recommendations = await self._recommend(anomalies, client_frames, flagged_clients, now,
+                                                unauthenticated)
         recommendations += await self._loosen(frame, flagged, now)
         report.recommendations = recommendations
         report.leader = await self._lead()
@@ -242,10 +257,11 @@ class AnalyticsJob:
     async def _anomalies(self, flagged: pd.DataFrame, now: float,
                          mv_scores: dict[tuple[str, str, str, int], float] | None = None,
                          ) -> tuple[list[Anomaly], dict[Endpoint, pd.DataFrame],
-                                    dict[Endpoint, list[str]]]:
-        """Anomaly records for the flagged windows, with contributors and examples."""
+                                    dict[Endpoint, list[str]], dict[Endpoint, Unauthenticated]]:
+        """Anomaly records for the flagged windows, with contributors and examples, and the
+        unauthenticated client addresses behind auth-failure bursts."""
         if flagged.empty:
-            return [], {}, {}
+            return [], {}, {}, {}
         s = self.settings
         endpoints = sorted({Endpoint(route_id=str(r), method=str(m), http_route=str(h))
                             for r, m, h in zip(flagged["route_id"], flagged["http_request_method"],
@@ -262,6 +278,8 @@ class AnalyticsJob:
         anomalies: list[Anomaly] = []
         flagged_clients: dict[Endpoint, list[str]] = {endpoint: [] for endpoint in endpoints}
         example_budget = MAX_EXAMPLE_QUERIES
+        address_budget = MAX_ADDRESS_QUERIES
+        unauthenticated: dict[Endpoint, Unauthenticated] = {}
         ordered = flagged.sort_values("minute", ascending=False)  # newest evidence first
         for row in ordered.to_dict("records"):
             endpoint = Endpoint(route_id=str(row["route_id"]),
@@ -296,31 +314,58 @@ class AnalyticsJob:
                 if kind == AnomalyKind.UNDECLARED_ENDPOINT:
                     paths = await features.unmatched_paths(
                         self._ch, endpoint.method, window_start, window_start + 60)
+            addresses: list[str] = []
+            seen_from: set[str] = set()
+            sent: dict[str, int] = {}
+            if kind == AnomalyKind.AUTH_FAILURE_BURST and endpoint.route_id and address_budget:
+                address_budget -= 1
+                by_address = await features.address_auth(self._ch, endpoint, window_start,
+                                                         window_start + 60)
+                addresses = unauthenticated_addresses(
+                    by_address, min_share=s.contributor_min_share,
+                    min_count=s.contributor_min_count, top=s.contributor_top)
+                chosen = by_address[by_address["client_address"].isin(addresses)]
+                for address, requests, clients_seen in zip(
+                        chosen["client_address"], chosen["requests"], chosen["clients"],
+                        strict=True):
+                    seen_from.update(clients_seen)
+                    sent[address] = int(requests)
             level = severity(kind, baseline, observed, float(row["score"]))
             mv = (mv_scores or {}).get((endpoint.route_id, endpoint.method,
                                         endpoint.http_route, int(window_start)))
             text = _summary(kind, endpoint, baseline, observed, int(row["requests"]), top,
                             paths)
+            if addresses:
+                text += f"; unauthenticated traffic from {', '.join(addresses)}"
             if mv is not None:
                 raised = corroborated(level, mv, self.multivariate.threshold)
                 text += (f"; multivariate score {mv:.2f}"
                          + (f" (corroborates: severity {level} -> {raised})"
                             if raised != level else ""))
                 level = raised
-            anomalies.append(Anomaly(
+            anomaly = Anomaly(
                 id=anomaly_id(endpoint, kind, window_start), detected_at=now,
                 window_start=window_start, window_end=window_start + 60, endpoint=endpoint,
                 kind=kind, severity=level,
                 score=min(1.0, max(0.0, float(row["score"]))), metric=str(row["metric"]),
                 baseline=baseline, observed=observed, top_clients=top,
                 example_request_ids=request_ids, example_trace_ids=trace_ids, summary=text,
-            ))
-        return anomalies, client_frames, flagged_clients
+            )
+            anomalies.append(anomaly)
+            if addresses:
+                found = unauthenticated.setdefault(endpoint, Unauthenticated())
+                found.clients.update(seen_from)
+                for address in addresses:
+                    found.addresses.setdefault(address, []).append(anomaly)
+                    found.requests.setdefault(address, {})[minute] = sent[address]
+        return anomalies, client_frames, flagged_clients, unauthenticated
 
     async def _recommend(self, anomalies: Sequence[Anomaly],
                          client_frames: dict[Endpoint, pd.DataFrame],
                          flagged_clients: dict[Endpoint, list[str]],
-                         now: float) -> list[Recommendation]:
+                         now: float,
+                         unauthenticated: dict[Endpoint, Unauthenticated] | None = None,
+                         ) -> list[Recommendation]:
         if not anomalies:
             return []
         s = self.settings
@@ -342,17 +387,22 @@ class AnalyticsJob:
             else:
                 recommendations.append(recommendation)
             recommendations += self._targeted(endpoint, of_endpoint, frame, recommender,
-                                              effective, now)
+                                              effective, now,
+                                              (unauthenticated or {}).get(endpoint))
         return recommendations
 
     def _targeted(self, endpoint: Endpoint, anomalies: Sequence[Anomaly], frame: pd.DataFrame,
                   recommender: LimitRecommender, effective: Sequence[Policy],
-                  now: float) -> list[Recommendation]:
+                  now: float, unauthenticated: Unauthenticated | None = None,
+                  ) -> list[Recommendation]:
         """A targeted, expiring limit for each client an anomaly of a TARGETABLE kind names
-        (`recommender` is already fitted without the flagged clients)."""
+        (`recommender` is already fitted without the flagged clients); for traffic that never
+        authenticated, keyed by the client address instead (`_ip_targeted`)."""
         s = self.settings
         named = [anomaly for anomaly in anomalies if anomaly.kind in TARGETABLE]
-        clients = sorted({client for anomaly in named for client in anomaly.top_clients})
+        unreachable = unauthenticated.clients if unauthenticated is not None else set()
+        clients = sorted({client for anomaly in named for client in anomaly.top_clients}
+                         - unreachable)
         by_id = {policy.id: policy for policy in effective}
         governing = current_policy(effective, endpoint)
         governing_limit = (governing.limit * recommender.window_s / governing.window_s
@@ -367,6 +417,30 @@ class AnalyticsJob:
                 current=by_id.get(targeted_policy_id(endpoint, client)))
             if targeted is not None and (governing_limit is None
                                          or targeted.policy.limit < governing_limit):
+                out.append(targeted)
+        if unauthenticated is not None:
+            out += self._ip_targeted(endpoint, unauthenticated, recommender, by_id, now)
+        return out
+
+    def _ip_targeted(self, endpoint: Endpoint, unauthenticated: Unauthenticated,
+                     recommender: LimitRecommender, by_id: dict[str, Policy],
+                     now: float) -> list[Recommendation]:
+        """A targeted limit keyed by `ip` for each unauthenticated address of an auth-failure
+        burst. No client-keyed limit governs such traffic (it never reaches the post-authn
+        rate limit), so none is compared with; the impact replays the address's requests in
+        the burst's windows."""
+        s = self.settings
+        out: list[Recommendation] = []
+        for address, behind in sorted(unauthenticated.addresses.items()):
+            per_minute = unauthenticated.requests.get(address, {})
+            rows = pd.DataFrame({"minute": list(per_minute), "client": address,
+                                 "requests": list(per_minute.values())})
+            targeted = build_targeted(
+                endpoint=endpoint, anomalies=behind, client=address, client_frame=rows,
+                recommender=recommender, key_by="ip", expiry_s=s.auto_expiry_s,
+                span_s=s.client_lookback_hours * 3600, now=now, named=False,
+                current=by_id.get(targeted_policy_id(endpoint, address, "ip")))
+            if targeted is not None:
                 out.append(targeted)
         return out
 

@@ -42,11 +42,36 @@ def recommendation_id(endpoint: Endpoint, window_start: float, scope: str = "") 
     return f"rec-{digest[:16]}"
 
 
-def targeted_policy_id(endpoint: Endpoint, client: str) -> str:
-    """The id of the analytics policy for one client on one route + method."""
+def targeted_policy_id(endpoint: Endpoint, client: str, key_by: str = "client_id") -> str:
+    """The id of the analytics policy for one client (or, key_by ip, one client address) on
+    one route + method."""
     digest = hashlib.sha1(client.encode(), usedforsecurity=False).hexdigest()[:8]
     safe = _UNSAFE_ID_CHARS.sub("_", client)[:60] or "_"
-    return f"{policy_id_for(endpoint)[:120]}:client:{safe}:{digest}"
+    kind = "client" if key_by == "client_id" else _UNSAFE_ID_CHARS.sub("_", key_by)
+    return f"{policy_id_for(endpoint)[:120]}:{kind}:{safe}:{digest}"
+
+
+def unauthenticated_addresses(address_frame: pd.DataFrame, *, min_share: float = 0.2,
+                              min_count: int = 3, top: int = 10) -> list[str]:
+    """Client addresses behind an auth-failure burst whose traffic is unauthenticated.
+
+    `address_frame`: per client address of one endpoint and window (features.ADDRESS_COLUMNS).
+    An address qualifies when it has at least `min_count` auth failures, at least `min_share`
+    of the window's auth failures, and not one successfully authenticated request (then only
+    a limit keyed by `ip` can reach its traffic: the proxy checks those before authn). Sorted
+    by auth failures, most first.
+    """
+    if address_frame.empty:
+        return []
+    failures = address_frame["auth_failures"].astype("float64")
+    total = float(failures.sum())
+    if total <= 0:
+        return []
+    chosen = address_frame[(failures >= min_count) & (failures / total >= min_share)
+                           & (address_frame["authenticated"] == 0)
+                           & (address_frame["client_address"] != "")]
+    chosen = chosen.sort_values(["auth_failures", "client_address"], ascending=[False, True])
+    return [str(address) for address in chosen["client_address"].head(top)]
 
 
 def contributors(client_frame: pd.DataFrame, windows: Collection[pd.Timestamp], *,
@@ -249,16 +274,21 @@ def _rationale(endpoint: Endpoint, anomalies: Sequence[Anomaly], rec: LimitRecom
 def build_targeted(*, endpoint: Endpoint, anomalies: Sequence[Anomaly], client: str,
                    client_frame: pd.DataFrame, recommender: LimitRecommender,
                    key_by: str = "client_id", expiry_s: float = 3600.0, span_s: float,
-                   now: float, current: Policy | None = None) -> Recommendation | None:
+                   now: float, current: Policy | None = None,
+                   named: bool = True) -> Recommendation | None:
     """A pending targeted limit for one flagged client of an endpoint, or None.
 
     `recommender` is fitted on the endpoint's legitimate clients (flagged ones left out):
     the limit is at most their per-client median per window (at least 1), `match_key` is the
-    client, `expires_at` is always set (now + `expiry_s`), and the impact is the replay of
-    that client's own recorded minutes. `current`: the client's existing targeted policy;
-    None is returned when it is enforced and already at or below the proposal.
+    client (with key_by ip: the client address), `expires_at` is always set (now +
+    `expiry_s`), and the impact is the replay of that client's own recorded minutes.
+    `current`: the client's existing targeted policy; None is returned when it is enforced
+    and already at or below the proposal. With `named` the evidence is the anomalies whose
+    top clients name `client`; without, every anomaly given (the caller found the client
+    address behind them).
     """
-    of_client = [anomaly for anomaly in anomalies if client in anomaly.top_clients]
+    of_client = [anomaly for anomaly in anomalies
+                 if not named or client in anomaly.top_clients]
     if not of_client:
         return None
     limit = max(1, math.floor(recommender.p50_ * recommender.window_s / 60.0 + 1e-9))
@@ -270,7 +300,7 @@ def build_targeted(*, endpoint: Endpoint, anomalies: Sequence[Anomaly], client: 
                              span_s=span_s)
     kinds = ", ".join(sorted({str(a.kind) for a in of_client}))
     policy = Policy(
-        id=targeted_policy_id(endpoint, client), route_id=endpoint.route_id,
+        id=targeted_policy_id(endpoint, client, key_by), route_id=endpoint.route_id,
         method=endpoint.method, key_by=key_by, match_key=client, limit=limit,
         window_s=recommender.window_s, mode=Mode.ENFORCE, source=Source.ANALYTICS,
         expires_at=now + expiry_s, updated_at=now, updated_by="analytics",
@@ -278,15 +308,20 @@ def build_targeted(*, endpoint: Endpoint, anomalies: Sequence[Anomaly], client: 
     first = min(of_client, key=lambda anomaly: anomaly.window_start)
     sent = int(rows["requests"].sum()) if len(rows) else 0
     rationale = (
-        f"{client} is a top contributor of {kinds} on {endpoint.method} {endpoint.http_route} "
+        f"{client} is {'the address behind' if key_by == 'ip' else 'a top contributor of'} "
+        f"{kinds} on {endpoint.method} {endpoint.http_route} "
         f"(route {endpoint.route_id}). Legitimate clients (n={recommender.n_clients_}) send "
         f"p50={recommender.p50_:.3g}/min; targeted limit = max(1, floor(p50)) = {limit}/"
         f"{recommender.window_s:g}s for {key_by}={client} only, expiring in {expiry_s:g}s. "
         f"Replay of {span_s / 3600:.3g} h of {client}'s traffic ({sent} requests): "
         f"{impact.flagged_requests_limited} requests would have been limited; no other "
-        "client is affected.")
+        "client is affected."
+        + (" Its traffic never authenticated, so the limit is keyed by its address and the "
+           "proxy checks it before authentication." if key_by == "ip" else ""))
     return Recommendation(
-        id=recommendation_id(endpoint, first.window_start, scope=f"client:{client}"),
+        id=recommendation_id(endpoint, first.window_start,
+                             scope=f"client:{client}" if key_by == "client_id"
+                             else f"{key_by}:{client}"),
         created_at=now, updated_at=now, endpoint=endpoint,
         anomaly_ids=sorted({anomaly.id for anomaly in of_client}), policy=policy,
         current_policy_id=current.id if current else None, rationale=rationale,

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from analytics.features import CLIENT_MINUTE_COLUMNS
+from analytics.features import ADDRESS_COLUMNS, CLIENT_MINUTE_COLUMNS
 from analytics.models import Anomaly, AnomalyKind, Endpoint, Recommendation, Severity
 from analytics.recommend import (
     LimitRecommender,
@@ -19,6 +19,8 @@ from analytics.recommend import (
     policy_id_for,
     recommendation_id,
     simulate_impact,
+    targeted_policy_id,
+    unauthenticated_addresses,
 )
 from analytics.settings import AnalyticsSettings
 from proxy.policy import Mode, Policy, Source
@@ -215,6 +217,39 @@ def test_targeted_limit_is_at_the_legit_median_and_always_expires() -> None:
                                                                  ["bad"])],
                           client="a", client_frame=frame, recommender=recommender,
                           span_s=86_400, now=1000.0) is None
+
+
+def test_unauthenticated_addresses_need_share_count_and_no_success() -> None:
+    frame = pd.DataFrame([("203.0.113.66", 150, 150, 0, [""]),
+                          ("192.0.2.10", 65, 60, 5, ["nat-user"]),  # someone authenticated
+                          ("198.51.100.1", 2, 2, 0, ["x"]),  # too few
+                          ("198.51.100.2", 40, 40, 0, ["y"])], columns=ADDRESS_COLUMNS)
+    assert unauthenticated_addresses(frame, min_share=0.1, min_count=3) == [
+        "203.0.113.66", "198.51.100.2"]
+    assert unauthenticated_addresses(frame, min_share=0.5, min_count=3) == ["203.0.113.66"]
+    assert unauthenticated_addresses(frame, min_share=0.6, min_count=3) == []
+    assert unauthenticated_addresses(frame.iloc[:0], min_share=0.1) == []
+
+
+def test_ip_keyed_targeted_limit_has_its_own_id_and_evidence() -> None:
+    frame = client_frame({"a": [2, 4, 6, 4], "b": [4, 4, 4, 4]})
+    recommender = LimitRecommender().fit(frame)
+    burst = _named(AnomalyKind.AUTH_FAILURE_BURST, [])  # the address is not a named client
+    rows = pd.DataFrame({"minute": [START], "client": ["203.0.113.66"], "requests": [150]})
+    rec = build_targeted(endpoint=ENDPOINT, anomalies=[burst], client="203.0.113.66",
+                         client_frame=rows, recommender=recommender, key_by="ip",
+                         span_s=3600, now=1000.0, named=False)
+    assert rec is not None
+    assert (rec.policy.key_by, rec.policy.match_key) == ("ip", "203.0.113.66")
+    assert rec.policy.id == targeted_policy_id(ENDPOINT, "203.0.113.66", "ip")
+    assert rec.policy.id != targeted_policy_id(ENDPOINT, "203.0.113.66")
+    assert ":ip:203.0.113.66:" in rec.policy.id
+    assert rec.impact is not None
+    assert rec.impact.flagged_requests_limited == 150 - rec.policy.limit
+    # named=True (the default) wants the anomaly to name the client
+    assert build_targeted(endpoint=ENDPOINT, anomalies=[burst], client="203.0.113.66",
+                          client_frame=rows, recommender=recommender, key_by="ip",
+                          span_s=3600, now=1000.0) is None
 
 
 def test_loosening_steps_up_within_the_config_ceiling() -> None:
