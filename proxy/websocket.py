@@ -16,6 +16,15 @@ upstream handshake. An upstream that refuses the upgrade is a 502
 `upstream_websocket_refused`; a malformed upgrade request is a 400. Messages are held whole
 (aiohttp reassembles frames): at most `MAX_MESSAGE` bytes each, larger ones close the
 session with 1009.
+
+Resilience as for HTTP (proxy/resilience.py): the upgrade goes through the upstream's
+circuit breaker - while it is open the upgrade is answered 503 `circuit_open` with
+Retry-After and the upstream is not contacted; the handshake's outcome feeds the breaker and
+outlier detection (connect errors, timeouts and 5xx refusals are failures; a half-open
+probe whose client leaves mid-handshake is given back). A session counts against its route's
+`max_in_flight` from the upgrade until it ends, in the same count as the route's HTTP
+requests (`WebSocketStep`, just before the forwarder): a full route answers the upgrade 503
+`route_overloaded` with Retry-After.
 """
 
 from __future__ import annotations
@@ -32,14 +41,19 @@ from yarl import URL
 from proxy.problem import problem_response
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable
+
     from multidict import CIMultiDict
 
     from proxy.app import Exchange
+    from proxy.config import Route
+    from proxy.forward import Forwarder
     from proxy.pool import UpstreamPool
 
 log = logging.getLogger(__name__)
 
 MAX_MESSAGE: Final = 4 * 1024 * 1024
+OVERLOADED_RETRY_AFTER_S: Final = 1  # as the forwarder answers a full route
 CLOSE_TIMEOUT_S: Final = 5.0
 _UPSTREAM_GONE: Final = 1011
 _CLIENT_GONE: Final = 1001
@@ -55,6 +69,49 @@ def wants_websocket(ex: Exchange) -> bool:
     request = ex.request
     return request.method == "GET" and \
         request.headers.get("Upgrade", "").lower() == "websocket"
+
+
+def _reject(ex: Exchange, reason: str, slug: str, detail: str,
+            retry_after: int) -> web.Response:
+    """A 503 problem with Retry-After, counted and recorded like the forwarder's."""
+    from proxy.metrics import REJECTIONS
+
+    ex.event.error_type = reason
+    REJECTIONS.labels(ex.event.route_id, reason).inc()
+    return problem_response(slug, detail, ex.request_id,
+                            headers={**ex.response_headers, "Retry-After": str(retry_after)})
+
+
+class WebSocketStep:
+    """Chain step just before the forwarder: a WebSocket session holds one of its route's
+    `max_in_flight` slots until it ends (see the module docstring); everything else passes."""
+
+    def __init__(self, forwarder: Forwarder) -> None:
+        self.forwarder = forwarder
+
+    @classmethod
+    def when_used(cls, routes: Iterable[Route], forwarder: Forwarder) -> list[WebSocketStep]:
+        """The step, when some route limits its requests in flight (else nothing to do)."""
+        return [cls(forwarder)] if any(route.max_in_flight is not None
+                                       for route in routes) else []
+
+    async def access(self, ex: Exchange) -> web.StreamResponse | None:
+        route = ex.route
+        if route is None or not wants_websocket(ex):
+            return None
+        plan = self.forwarder.plan(route)
+        limit = plan.max_in_flight
+        if limit is None:
+            return None
+        if plan.in_flight >= limit:
+            return _reject(ex, "route_overloaded", "route-overloaded",
+                           f"route {route.id} has {limit} requests in flight",
+                           OVERLOADED_RETRY_AFTER_S)
+        plan.in_flight += 1
+        try:
+            return await self.forwarder.access(ex)
+        finally:
+            plan.in_flight -= 1
 
 
 def _close_code(code: object) -> int:
@@ -127,6 +184,11 @@ async def proxy_websocket(ex: Exchange, pool: UpstreamPool, suffix: str,
                  for token in value.split(",") if token.strip()]
     for name in _HANDSHAKE_HEADERS:
         headers.popall(name, None)
+    breaker = pool.breaker
+    if breaker is not None and not breaker.allow():
+        return _reject(ex, "circuit_open", "circuit-open",
+                       f"upstream {pool.name} is failing; its circuit is open",
+                       breaker.retry_after_s())
     ep = pool.pick(ex)
     event.upstream = ep.address
     headers["Host"] = ep.host_header
@@ -156,6 +218,9 @@ async def proxy_websocket(ex: Exchange, pool: UpstreamPool, suffix: str,
             return problem_response(slug, f"upstream {pool.name} ({ep.address}) failed: "
                                     f"{error_type.replace('_', ' ')}", ex.request_id,
                                     headers=ex.response_headers)
+        except BaseException:  # cancelled mid-handshake (the client left): no verdict
+            pool.abandon()
+            raise
         event.upstream_duration_ms = (loop.time() - started) * 1000.0
         pool.record(ep, "", 101)
         session = _Session()

@@ -28,6 +28,7 @@ class Upstream:
         self.closes: list[int | None] = []
         self.headers: list[dict[str, str]] = []
         self.closed = asyncio.Event()
+        self.failing_hits = 0
 
 
 STATE = web.AppKey("state", Upstream)
@@ -59,6 +60,11 @@ async def _not_websocket(request: web.Request) -> web.Response:
     return web.Response(status=404)
 
 
+async def _failing(request: web.Request) -> web.Response:
+    request.app[STATE].failing_hits += 1
+    return web.Response(status=503, text="overloaded")
+
+
 @pytest.fixture
 async def ws_upstream() -> AsyncIterator[tuple[str, Upstream]]:
     app = web.Application()
@@ -66,6 +72,7 @@ async def ws_upstream() -> AsyncIterator[tuple[str, Upstream]]:
     app[STATE] = state
     app.router.add_get("/echo/ws", _echo)
     app.router.add_get("/echo/plain", _not_websocket)
+    app.router.add_get("/echo/failing", _failing)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     port = free_port()
@@ -183,3 +190,101 @@ async def test_client_vanishing_closes_the_upstream(ws_upstream: tuple[str, Upst
     [event] = await read_events(gw.redis, 1)
     assert (event["http_response_status_code"], event["error_type"]) == (101,
                                                                          "client_disconnect")
+
+
+async def _refused(client: aiohttp.ClientSession, url: str) -> tuple[int, dict[str, str]]:
+    """The status and headers of an upgrade the gateway refuses."""
+    with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+        await client.ws_connect(url)
+    return refused.value.status, dict(refused.value.headers or {})
+
+
+async def test_session_holds_its_in_flight_slot_until_it_ends(
+        ws_upstream: tuple[str, Upstream], start_gateway: GatewayFactory,
+        client: aiohttp.ClientSession) -> None:
+    url, state = ws_upstream
+    config = make_config(url)
+    config.routes = [route.model_copy(update={"max_in_flight": 1}) if route.id == "echo"
+                     else route for route in config.routes]
+    gw = await start_gateway(config)
+    async with client.ws_connect(f"{gw.url}/echo/ws") as ws:
+        await ws.send_str("one")
+        assert await ws.receive_str(timeout=5) == "echo:one"
+        # The route is full while the session lasts: another upgrade and a plain request.
+        status, headers = await _refused(client, f"{gw.url}/echo/ws")
+        assert status == 503
+        assert headers["Retry-After"] == "1"
+        assert headers["Content-Type"] == "application/problem+json"
+        async with client.get(f"{gw.url}/echo/plain-http") as response:
+            assert response.status == 503
+            assert (await response.json())["type"].endswith("route-overloaded")
+        # Another route is not affected (this upstream has nothing there: its 404 comes back).
+        async with client.get(f"{gw.url}/orders/1") as response:
+            assert response.status == 404
+        await ws.send_str("two")  # the held session still works
+        assert await ws.receive_str(timeout=5) == "echo:two"
+    await asyncio.wait_for(state.closed.wait(), 5)
+    # Slot given back: the next session is accepted, then plain requests again.
+    async with client.ws_connect(f"{gw.url}/echo/ws") as ws:
+        await ws.send_str("three")
+        assert await ws.receive_str(timeout=5) == "echo:three"
+    async with client.get(f"{gw.url}/echo/plain-http") as response:
+        assert response.status == 404  # forwarded again (the upstream has no such page)
+    events = await read_events(gw.redis, 6)
+    overloaded = [e for e in events if e["error_type"] == "route_overloaded"]
+    assert [(e["url_path"], e["http_response_status_code"]) for e in overloaded] == [
+        ("/echo/ws", 503), ("/echo/plain-http", 503)]
+    assert [e["http_response_status_code"] for e in events
+            if e["url_path"] == "/echo/ws"] == [503, 101, 101]
+
+
+async def test_breaker_opens_on_failed_handshakes_and_recovers(
+        ws_upstream: tuple[str, Upstream], start_gateway: GatewayFactory,
+        client: aiohttp.ClientSession) -> None:
+    from proxy.resilience import CircuitBreakerConfig
+
+    url, state = ws_upstream
+    breaker = CircuitBreakerConfig(failure_threshold=2, open_s=1.0, half_open_requests=1)
+    gw = await start_gateway(ws_config(url, circuit_breaker=breaker))
+    for _ in range(2):  # the upstream refuses with 503: two failures open the circuit
+        status, _ = await _refused(client, f"{gw.url}/echo/failing")
+        assert status == 502
+    assert state.failing_hits == 2
+    opened = time.monotonic()
+    status, headers = await _refused(client, f"{gw.url}/echo/ws")
+    assert status == 503
+    assert 1 <= int(headers["Retry-After"]) <= 2
+    assert state.headers == []  # fails fast: the upstream never saw that upgrade
+    async with client.get(f"{gw.url}/echo/plain-http") as response:  # HTTP too: one breaker
+        assert response.status == 503
+    # After open_s one probe goes through; its successful handshake closes the circuit.
+    await asyncio.sleep(max(0.0, 1.05 - (time.monotonic() - opened)))
+    async with client.ws_connect(f"{gw.url}/echo/ws") as ws:
+        await ws.send_str("probe")
+        assert await ws.receive_str(timeout=5) == "echo:probe"
+    async with client.ws_connect(f"{gw.url}/echo/ws") as ws:
+        await ws.send_str("again")
+        assert await ws.receive_str(timeout=5) == "echo:again"
+    assert gw.gateway.forwarder.upstreams["app"].breaker is not None
+    assert gw.gateway.forwarder.upstreams["app"].breaker.state == "closed"
+    events = await read_events(gw.redis, 6)
+    assert [e["error_type"] for e in events if e["url_path"] == "/echo/failing"] == [
+        "upstream_websocket_refused", "upstream_websocket_refused"]
+    circuit = [e for e in events if e["error_type"] == "circuit_open"]
+    assert [(e["url_path"], e["http_response_status_code"]) for e in circuit] == [
+        ("/echo/ws", 503), ("/echo/plain-http", 503)]
+
+
+async def test_connect_failures_open_the_breaker_for_upgrades(
+        start_gateway: GatewayFactory, client: aiohttp.ClientSession) -> None:
+    from proxy.resilience import CircuitBreakerConfig
+
+    config = make_config(f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    config.upstreams["dead"] = config.upstreams["dead"].model_copy(update={
+        "circuit_breaker": CircuitBreakerConfig(failure_threshold=2, open_s=30)})
+    gw = await start_gateway(config)
+    statuses = [(await _refused(client, f"{gw.url}/dead/ws"))[0] for _ in range(3)]
+    assert statuses == [502, 502, 503]
+    events = await read_events(gw.redis, 3)
+    assert [e["error_type"] for e in events] == [
+        "upstream_connect_error", "upstream_connect_error", "circuit_open"]
