@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -105,6 +105,28 @@ async def _upload(request: web.Request) -> web.Response:
                                                                           "")})
 
 
+def pattern_blocks(size: int) -> Iterator[bytes]:
+    """`size` bytes (a multiple of CHUNK) made on the fly: a fixed random block whose first 8
+    bytes are the block's index, so lost, repeated or reordered blocks change the hash."""
+    for index in range(size // CHUNK):
+        yield index.to_bytes(8, "big") + _PATTERN_TAIL
+
+
+_PATTERN_TAIL = os.urandom(CHUNK - 8)
+
+
+async def _pattern(request: web.Request) -> web.StreamResponse:
+    size = int(request.query["mb"]) * MB
+    response = web.StreamResponse()
+    response.content_length = size
+    response.content_type = "application/octet-stream"
+    await response.prepare(request)
+    for block in pattern_blocks(size):
+        await response.write(block)
+    await response.write_eof()
+    return response
+
+
 async def _slow(request: web.Request) -> web.Response:
     await asyncio.sleep(float(request.query.get("s", "2")))
     return web.Response(text="late")
@@ -123,6 +145,7 @@ def upstream_app() -> web.Application:
     app.router.add_route("*", "/orders/{id}", _echo)
     app.router.add_get("/resp-headers", _resp_headers)
     app.router.add_get("/big", _big)
+    app.router.add_get("/pattern", _pattern)
     app.router.add_get("/chunked", _chunked)
     app.router.add_get("/truncated", _truncated)
     app.router.add_post("/upload", _upload)
@@ -413,6 +436,100 @@ async def test_large_bodies_stream_without_buffering(
     sizes = {event["route_id"]: event for event in events}
     assert sizes["upload"]["http_request_body_size"] == size_mb * MB
     assert sizes["api"]["http_response_body_size"] == size_mb * MB
+
+
+def _proc_status_kb(pid: int, field: str) -> int:
+    """A `VmRSS` / `VmHWM` line of /proc/<pid>/status, in kB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise AssertionError(f"{field} not in /proc/{pid}/status")
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs /proc (Linux)")
+async def test_200_mb_each_way_through_a_proxy_process_in_bounded_memory(
+        upstream: str, redis_url: str, redis_client: aioredis.Redis, tmp_path: Path) -> None:
+    """`apigw proxy` as its own process (one worker: the process serving is the one measured)
+    moves a 200 MB upload and a 200 MB download at the same time; its peak RSS during the
+    transfer stays within 64 MB of its RSS before it, and bytes and hashes match end to end.
+    Nothing holds a whole body: both ends make and hash the bytes block by block."""
+    from tests.processes import apigw_command
+
+    size_mb, bound_mb = 200, 64
+    size = size_mb * MB
+    config = tmp_path / "stream.yaml"
+    config.write_text(f"""
+version: 1
+upstreams:
+  app: {{url: "{upstream}", timeouts: {{connect_s: 2, read_s: 30, total_s: 120}}}}
+routes:
+  - {{id: upload, match: {{path: /upload}}, methods: [POST], upstream: app}}
+  - {{id: api, match: {{prefix: /api}}, upstream: app, strip_prefix: true}}
+events: {{flush_interval_ms: 50}}
+""")
+    port, admin = free_port(), free_port()
+    env = {"APIGW_REDIS_URL": redis_url, "APIGW_EVENTS_STREAM": STREAM,
+           "APIGW_LOG_LEVEL": "warning"}
+    process = ManagedProcess("proxy", apigw_command(
+        "proxy", "--config", str(config), "--listen", f"127.0.0.1:{port}",
+        "--admin", f"127.0.0.1:{admin}", "--workers", "1"), env, tmp_path)
+    try:
+        await asyncio.to_thread(process.wait_http, f"http://127.0.0.1:{admin}/readyz", 60)
+        gateway = f"http://127.0.0.1:{port}"
+        expected = hashlib.sha256()
+        for block in pattern_blocks(size):
+            expected.update(block)
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120),
+                                         auto_decompress=False) as session:
+            for _ in range(3):  # warm up: pools, code paths, allocator arenas
+                async with session.post(f"{gateway}/upload", data=b"w" * CHUNK) as response:
+                    assert response.status == 200
+                async with session.get(f"{gateway}/api/pattern?mb=1") as response:
+                    assert len(await response.read()) == MB
+            pid = process.process.pid
+            before_kb = _proc_status_kb(pid, "VmRSS")
+
+            async def upload() -> dict[str, Any]:
+                async def body() -> AsyncIterator[bytes]:
+                    for block in pattern_blocks(size):
+                        yield block
+
+                async with session.post(f"{gateway}/upload", data=body(),
+                                        headers={"Content-Length": str(size)}) as response:
+                    assert response.status == 200, await response.text()
+                    result: dict[str, Any] = await response.json()
+                    return result
+
+            async def download() -> tuple[int, str]:
+                digest, received = hashlib.sha256(), 0
+                async with session.get(f"{gateway}/api/pattern?mb={size_mb}") as response:
+                    assert response.status == 200
+                    assert int(response.headers["Content-Length"]) == size
+                    async for chunk in response.content.iter_chunked(CHUNK):
+                        digest.update(chunk)
+                        received += len(chunk)
+                return received, digest.hexdigest()
+
+            started = time.monotonic()
+            uploaded, downloaded = await asyncio.gather(upload(), download())
+            elapsed = time.monotonic() - started
+        peak_kb = _proc_status_kb(pid, "VmHWM")
+        assert uploaded == {"size": size, "sha256": expected.hexdigest(), "chunked": False}
+        assert downloaded == (size, expected.hexdigest())
+        growth_mb = (peak_kb - before_kb) / 1024
+        print(f"200 MB each way in {elapsed:.1f}s; proxy RSS before {before_kb / 1024:.0f} MB, "
+              f"peak {peak_kb / 1024:.0f} MB (+{growth_mb:.0f} MB)")
+        assert growth_mb < bound_mb, (
+            f"proxy peak RSS grew {growth_mb:.0f} MB while moving {size_mb} MB each way")
+        events = [e for e in await read_events(redis_client, 8) if e["url_path"] in (
+            "/upload", "/api/pattern") and e["http_response_status_code"] == 200]
+        big = {e["route_id"]: e for e in events
+               if max(e["http_request_body_size"], e["http_response_body_size"]) == size}
+        assert big["upload"]["http_request_body_size"] == size
+        assert big["api"]["http_response_body_size"] == size
+    finally:
+        process.stop()
+    assert "Traceback" not in process.log(), process.log()[-3000:]
 
 
 # --- errors -----------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ file while the old config keeps serving, and SIGHUP / file watch on a real proce
 from __future__ import annotations
 
 import asyncio
+import re
 import signal
 import sys
 import time
@@ -129,6 +130,13 @@ async def test_reload_under_load_without_failures(
         await redis.aclose()
 
 
+def _reloads_total(metrics: str, outcome: str) -> float:
+    """apigw_config_reloads_total{outcome} in a Prometheus text page (0 when absent)."""
+    found = re.search(rf'^apigw_config_reloads_total\{{outcome="{outcome}"\}} (\S+)$', metrics,
+                      re.MULTILINE)
+    return float(found.group(1)) if found else 0.0
+
+
 def _get(url: str) -> tuple[int, bytes]:
     try:
         with urllib.request.urlopen(url, timeout=5) as response:
@@ -181,4 +189,126 @@ async def test_sighup_and_file_watch_on_a_real_process(
         assert await asyncio.to_thread(process.process.wait, 30) == 0
         assert "Traceback" not in process.log(), process.log()[-3000:]
     finally:
+        process.stop()
+
+
+async def test_sighup_reaches_every_worker_of_a_two_worker_process(
+        two_upstreams: tuple[str, str], redis_url: str, redis_client: aioredis.Redis,
+        tmp_path: Path) -> None:
+    """`apigw proxy --workers 2` under keep-alive and fresh-connection traffic: a valid file +
+    SIGHUP to the supervisor reaches both workers (a new route, served by each worker, and by
+    keep-alive connections opened before), an invalid one is rejected while the old config
+    keeps serving, and not one request fails."""
+    import orjson
+
+    from proxy.config import config_version
+    from tests.processes import apigw_command
+    from tests.test_proxy import read_events
+
+    blue, green = two_upstreams
+    with_extra = yaml_for(blue, "  - {id: extra, match: {path: /extra}, upstream: green}\n"
+                          ).replace("upstreams:\n", f'upstreams:\n  green: {{url: "{green}"}}\n')
+    path = tmp_path / "gw.yaml"
+    path.write_text(yaml_for(blue))
+    port, admin = free_port(), free_port()
+    env = {"APIGW_REDIS_URL": redis_url, "APIGW_CONFIG_WATCH_S": "0",  # SIGHUP only
+           "APIGW_SHUTDOWN_GRACE_S": "2", "APIGW_EVENTS_STREAM": STREAM}
+    process = ManagedProcess("proxy", apigw_command(
+        "proxy", "--config", str(path), "--listen", f"127.0.0.1:{port}",
+        "--admin", f"127.0.0.1:{admin}", "--workers", "2"), env, tmp_path)
+    base, admin_url = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{admin}"
+    results: list[tuple[str, int, str]] = []
+    done = asyncio.Event()
+    timeout = aiohttp.ClientTimeout(total=10)
+    keepalive = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=timeout)
+    fresh = aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True),
+                                  timeout=timeout)
+    # Four keep-alive connections opened before any reload, used only by the checks.
+    pinned = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=4, keepalive_timeout=60), timeout=timeout)
+
+    async def load(session: aiohttp.ClientSession, kind: str) -> None:
+        while not done.is_set():
+            try:
+                async with session.get(f"{base}/x") as response:
+                    results.append((kind, response.status, await response.text()))
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                results.append((kind, 0, repr(exc)))
+
+    async def one_extra(session: aiohttp.ClientSession) -> str:
+        async with session.get(f"{base}/extra") as response:
+            assert response.status == 200
+            return await response.text()
+
+    async def extra_bodies(session: aiohttp.ClientSession, n: int) -> list[str]:
+        """`n` requests to /extra, four at a time."""
+        bodies: list[str] = []
+        for _ in range(0, n, 4):
+            bodies += await asyncio.gather(*(one_extra(session) for _ in range(4)))
+        return bodies
+
+    async def reload_to(text: str) -> None:
+        path.write_text(text)
+        process.process.send_signal(signal.SIGHUP)  # the supervisor, by its own pid
+
+    try:
+        await asyncio.to_thread(process.wait_http, f"{admin_url}/readyz", 60)
+        _, body = await asyncio.to_thread(_get, f"{admin_url}/readyz")
+        pids = orjson.loads(body)["workers"]["pids"]
+        assert len(pids) == 2
+        tasks = [asyncio.create_task(load(keepalive, "keepalive")) for _ in range(6)]
+        tasks += [asyncio.create_task(load(fresh, "fresh")) for _ in range(3)]
+        await asyncio.sleep(0.5)
+        assert set(await extra_bodies(pinned, 8)) == {"blue"}  # the catch-all, for now
+
+        await reload_to(with_extra)
+        deadline = time.monotonic() + 15
+        while set(await extra_bodies(fresh, 20)) != {"green"}:
+            assert time.monotonic() < deadline, "the new route never reached every worker"
+            await asyncio.sleep(0.1)
+        # Keep-alive connections opened before the reload see it too.
+        assert set(await extra_bodies(pinned, 20)) == {"green"}
+        events = await read_events(redis_client, 40)
+        switched = {e["gateway_instance"] for e in events if e["route_id"] == "extra"}
+        assert {instance.rsplit("-", 1)[1] for instance in switched} == {
+            str(pid) for pid in pids}, (switched, pids)
+
+        await reload_to("routes: [oops")  # invalid: rejected by the supervisor
+        await asyncio.sleep(1.0)
+        assert "config reload rejected" in process.log()
+        assert set(await extra_bodies(fresh, 20)) == {"green"}
+        assert set(await extra_bodies(pinned, 8)) == {"green"}
+
+        await reload_to(yaml_for(blue))  # valid again: the route goes away everywhere
+        deadline = time.monotonic() + 15
+        while set(await extra_bodies(fresh, 20)) != {"blue"}:
+            assert time.monotonic() < deadline, "the removal never reached every worker"
+            await asyncio.sleep(0.1)
+        assert set(await extra_bodies(pinned, 8)) == {"blue"}
+        await asyncio.sleep(0.3)
+        done.set()
+        await asyncio.gather(*tasks)
+
+        failed = [result for result in results if result[1:] != (200, "blue")]
+        assert not failed, failed[:5]
+        kinds = {kind: sum(1 for k, _, _ in results if k == kind)
+                 for kind in ("keepalive", "fresh")}
+        assert min(kinds["keepalive"] / 50, kinds["fresh"] / 20) > 1, kinds
+        _, body = await asyncio.to_thread(_get, f"{admin_url}/readyz")
+        workers = orjson.loads(body)["workers"]
+        assert (workers["pids"], workers["restarts"]) == (pids, 0)
+        _, body = await asyncio.to_thread(_get, f"{admin_url}/config")
+        assert orjson.loads(body)["version"] == config_version(load_config(path))
+        _, body = await asyncio.to_thread(_get, f"{admin_url}/metrics")
+        reloads = {outcome: _reloads_total(body.decode(), outcome)
+                   for outcome in ("success", "invalid")}
+        assert reloads == {"success": 4.0, "invalid": 0.0}  # 2 workers x 2 valid files
+        process.process.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(process.process.wait, 30) == 0
+        assert "Traceback" not in process.log(), process.log()[-3000:]
+    finally:
+        done.set()
+        await keepalive.close()
+        await fresh.close()
+        await pinned.close()
         process.stop()
