@@ -78,6 +78,11 @@ ORDER BY hits DESC, url_path
 LIMIT {limit:UInt32}
 """
 
+# The `events` expression of each key_by part (as proxy/identity.Caller.key_of computes it);
+# a part with no column (header:<Name>) falls back to the client id, else the address.
+_CLIENT_EXPR: Final = "if(client_id != '', client_id, client_address)"
+_KEY_PART_EXPR: Final = {"client_id": _CLIENT_EXPR, "ip": "client_address",
+                         "tenant": "toString(tenant)", "api_key": "api_key_id"}
 _POLICY_CLIENTS_SQL: Final = """
 SELECT if(client_id != '', client_id, client_address) AS client, count() AS requests,
        countIf(ratelimit_policy_id = {policy_id:String} AND ratelimit_outcome = 'limited')
@@ -332,15 +337,31 @@ async def unmatched_paths(ch: SharedClient, method: str, start: float, end: floa
     return [(str(row[0]), int(row[1])) for row in rows]
 
 
+def key_expression(key_by: str) -> str:
+    """The SQL expression over `events` of a policy's budget key (parts joined by '|', as the
+    proxy joins them), from a fixed table of columns: never text of the policy itself. A
+    key_by with a part that has no column (header:<Name>) is grouped by client."""
+    parts = key_by.split("+")
+    if not all(part in _KEY_PART_EXPR for part in parts):
+        return _CLIENT_EXPR
+    if len(parts) == 1:
+        return _KEY_PART_EXPR[parts[0]]
+    return "concat(" + ", '|', ".join(_KEY_PART_EXPR[part] for part in parts) + ")"
+
+
 async def policy_clients(ch: SharedClient, route_id: str, method: str, policy_id: str,
-                         start: float, end: float, *, limit: int = 1000) -> pd.DataFrame:
-    """Per client on one route + method in [start, end): requests, and how many of them
-    `policy_id` limited (enforce) or would have limited (shadow). Raw events, bounded by the
-    sort key prefix, the time range and LIMIT; columns client, requests, limited,
-    shadow_limited."""
+                         start: float, end: float, *, key_by: str = "client_id",
+                         limit: int = 1000) -> pd.DataFrame:
+    """Per budget key of a policy keyed by `key_by` on one route + method in [start, end):
+    requests, and how many of them `policy_id` limited (enforce) or would have limited
+    (shadow). `client` is the key - the client id (else the address) by default, the client
+    address for key_by ip (a bot rotating a claimed client id is still one address), and so
+    on (`key_expression`). Raw events, bounded by the sort key prefix, the time range and
+    LIMIT; columns client, requests, limited, shadow_limited."""
     parameters = {"route_id": route_id, "method": method, "policy_id": policy_id,
                   "start": float(start), "end": float(end), "limit": int(limit)}
-    frame = await asyncio.to_thread(_query_df, ch, _POLICY_CLIENTS_SQL, parameters)
+    sql = _POLICY_CLIENTS_SQL.replace("{key_expr}", key_expression(key_by))
+    frame = await asyncio.to_thread(_query_df, ch, sql, parameters)
     columns = ["client", "requests", "limited", "shadow_limited"]
     if frame.empty:
         return pd.DataFrame({"client": pd.Series(dtype="object"),

@@ -17,7 +17,9 @@
   ever loosen); **single leader**: `review` runs only in the lease holder (the job calls it).
 
 Evidence about one policy comes from raw events with a bounded query
-(`features.policy_clients`: route + method prefix of the sort key, the time range, LIMIT).
+(`features.policy_clients`: route + method prefix of the sort key, the time range, LIMIT),
+grouped by the policy's own budget key: "a client" of an ip-keyed limit is an address, so a
+bot that rotates a claimed client id behind one address is still one (flagged) client.
 """
 
 from __future__ import annotations
@@ -136,7 +138,8 @@ class Guardrails:
         hits_flagged = hits_other = other_clients = 0
         if self._ch is not None:
             frame = await features.policy_clients(self._ch, current.route_id, current.method,
-                                                  current.id, current.updated_at, now)
+                                                  current.id, current.updated_at, now,
+                                                  key_by=current.key_by)
             hit = frame[frame["shadow_limited"] > 0]
             is_flagged = hit["client"].isin(list(flagged))
             hits_flagged = int(hit.loc[is_flagged, "shadow_limited"].sum())
@@ -177,7 +180,8 @@ class Guardrails:
         if self._ch is None:
             return None
         frame = await features.policy_clients(self._ch, current.route_id, current.method,
-                                              current.id, current.updated_at, now)
+                                              current.id, current.updated_at, now,
+                                              key_by=current.key_by)
         others = frame[~frame["client"].isin(list(record.flagged_clients))]
         requests = int(others["requests"].sum())
         limited = int(others["limited"].sum())

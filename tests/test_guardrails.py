@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 
+from analytics.features import key_expression
 from analytics.guardrails import floor_limit, step_limit
 from analytics.job import AnalyticsJob
 from analytics.models import (
@@ -364,3 +365,88 @@ async def test_loosening_is_never_applied_automatically(
     assert result.created == ["rec-loosen"]
     assert await store.list() == []
     assert (await _stored(redis_client, "rec-loosen")).status == RecommendationStatus.PENDING
+
+
+BOT_ADDRESS = "203.0.113.9"
+
+
+def _ip_targeted() -> Recommendation:
+    """A pre-auth targeted limit for the address behind a credential-stuffing burst."""
+    policy = Policy(id=targeted_policy_id(ENDPOINT, BOT_ADDRESS, "ip"), route_id="orders",
+                    method="GET", key_by="ip", match_key=BOT_ADDRESS, limit=2, window_s=60,
+                    source=Source.ANALYTICS, expires_at=time.time() + 3600)
+    impact = ImpactEstimate(window_s=86_400, clients_limited=1, requests_limited=290,
+                            flagged_clients_limited=1, flagged_requests_limited=290,
+                            other_clients_limited=0, other_requests_limited=0)
+    return Recommendation(id="rec-ip", endpoint=ENDPOINT, anomaly_ids=["an-1"], policy=policy,
+                          rationale="test", client_rate_p50=2.0, client_rate_p99=8.0,
+                          impact=impact, flagged_clients=[BOT_ADDRESS],
+                          action=RecommendationAction.TARGETED, target_client=BOT_ADDRESS)
+
+
+def _insert_rotating(ch: SharedClient, policy_id: str, address: str, requests: int, hit: int,
+                     outcome: str, *, others: dict[str, tuple[str, int]] | None = None) -> None:
+    """`requests` from one address, each claiming a new client id, the first `hit` of them
+    `outcome` by `policy_id`; plus `others`: client id -> (address, requests), all allowed."""
+    ts = time.time()
+    events = [RequestEvent(
+        timestamp=ts + i * 0.001, request_id=uuid.uuid4().hex, http_request_method="GET",
+        url_path=f"/orders/{i}", http_response_status_code=429 if i < hit else 401,
+        duration_ms=1.0, route_id="orders", http_route="/orders/{id}",
+        client_id=f"rotated-{i}", client_address=address, auth_outcome="failure",
+        ratelimit_outcome=outcome if i < hit else "allowed",
+        ratelimit_policy_id=policy_id if i < hit else "default") for i in range(requests)]
+    for client, (client_address, count) in (others or {}).items():
+        events.extend(RequestEvent(
+            timestamp=ts + i * 0.001, request_id=uuid.uuid4().hex, http_request_method="GET",
+            url_path=f"/orders/{i}", http_response_status_code=200, duration_ms=1.0,
+            route_id="orders", http_route="/orders/{id}", client_id=client,
+            client_address=client_address, auth_outcome="success",
+            ratelimit_policy_id="default") for i in range(count))
+    columns = event_columns([dataclasses.asdict(event) for event in events])
+    assert columns is not None
+    with ch.lock:
+        ch.client.insert("events", columns, column_names=list(EVENT_FIELDS),
+                         column_oriented=True)
+
+
+async def test_ip_keyed_shadow_judged_by_address_not_rotated_client_ids(
+        tmp_path: Path, redis_url: str, redis_client: aioredis.Redis, ch: SharedClient) -> None:
+    """A bot rotating X-Client-Id behind one address is one flagged client of an ip-keyed
+    limit: its shadow hits promote the limit instead of counting as many other clients."""
+    job, store = _job(tmp_path, redis_url, redis_client, ch, shadow_s=60, auto_expiry_s=900)
+    assert (await job.writeback.write([_ip_targeted()], now=time.time())).applied == ["rec-ip"]
+    policy = await store.get(targeted_policy_id(ENDPOINT, BOT_ADDRESS, "ip"))
+    assert policy is not None
+    assert (policy.mode, policy.key_by) == (Mode.SHADOW, "ip")
+    await asyncio.to_thread(_insert_rotating, ch, policy.id, BOT_ADDRESS, 200, 190,
+                            "shadow_limited", others={"good-1": ("198.51.100.7", 20)})
+    [action] = await job.guardrails.review(time.time() + 61)
+    assert action.startswith("promoted rec-ip"), action
+    assert "190 would-be-limited requests from flagged clients, 0 from 0 other" in action
+    enforced = await store.get(policy.id)
+    assert enforced is not None
+    assert enforced.mode == Mode.ENFORCE
+
+
+async def test_ip_keyed_enforced_not_rolled_back_for_the_bots_rotated_ids(
+        tmp_path: Path, redis_url: str, redis_client: aioredis.Redis, ch: SharedClient) -> None:
+    job, store = _job(tmp_path, redis_url, redis_client, ch, shadow_s=0,
+                      rollback_429_rate=0.05, rollback_min_requests=20)
+    await job.writeback.write([_ip_targeted()], now=time.time())
+    policy_id = targeted_policy_id(ENDPOINT, BOT_ADDRESS, "ip")
+    enforced = await store.get(policy_id)
+    assert enforced is not None
+    assert enforced.mode == Mode.ENFORCE
+    await asyncio.to_thread(_insert_rotating, ch, policy_id, BOT_ADDRESS, 200, 190, "limited",
+                            others={"good-1": ("198.51.100.7", 30)})
+    assert await job.guardrails.review(time.time() + 5) == []
+    assert await store.get(policy_id) == enforced
+
+
+def test_policy_key_expression_follows_key_by() -> None:
+    assert key_expression("ip") == "client_address"
+    assert key_expression("client_id") == "if(client_id != '', client_id, client_address)"
+    assert key_expression("ip+tenant") == "concat(client_address, '|', toString(tenant))"
+    # no column for a header: grouped by client; never the policy's text in the SQL
+    assert key_expression("header:X-Evil') OR 1=1 --") == key_expression("client_id")
