@@ -101,6 +101,28 @@ class LiveGateway:
             return self._count("invalid")
         return await self.apply(config)
 
+    async def catch_up(self) -> str | None:
+        """Reload if the file no longer holds the config this gateway started with; call once
+        the SIGHUP handler is installed. A spawned worker ignores SIGHUP until then, so a
+        reload sent while it was starting is lost; this replaces it. Returns the reload's
+        outcome, or None when the file is absent, unchanged (nothing counted) or invalid (the
+        supervisor rejects that file itself; the spawn-time config keeps serving)."""
+        if self.config_path is None:
+            return None
+        try:
+            config = await asyncio.to_thread(load_config, self.config_path)
+        except ConfigError as exc:
+            log.warning("config file invalid at worker start; the spawn-time config serves",
+                        extra={"path": str(self.config_path), "error": str(exc)[:2000],
+                               "config_version": self.gateway.version})
+            return None
+        if config_version(config) == self.gateway.version:
+            return None
+        log.info("config file changed while starting; catching up",
+                 extra={"from_version": self.gateway.version,
+                        "config_version": config_version(config)})
+        return await self.apply(config)
+
     async def apply(self, config: GatewayConfig) -> str:
         from proxy.app import Gateway
 

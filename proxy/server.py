@@ -313,6 +313,7 @@ async def _run_worker(config: GatewayConfig, settings: ProxySettings,
     redis = make_redis(settings)
 
     async def on_ready(live: LiveGateway) -> None:
+        await live.catch_up()  # a SIGHUP sent before the handler was set was ignored
         ready.set()
 
     try:  # the supervisor watches the file and sends SIGHUP

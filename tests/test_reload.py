@@ -312,3 +312,38 @@ async def test_sighup_reaches_every_worker_of_a_two_worker_process(
         await fresh.close()
         await pinned.close()
         process.stop()
+
+
+async def test_worker_started_with_a_stale_config_catches_up_with_the_file(
+        two_upstreams: tuple[str, str], redis_url: str, tmp_path: Path) -> None:
+    """A worker spawned with the config of before a reload whose SIGHUP it ignored (it was
+    still starting) serves the file's config once ready, not its spawn-time one."""
+    import multiprocessing
+
+    from proxy.server import _worker_main
+
+    blue, green = two_upstreams
+    path = tmp_path / "gw.yaml"
+    path.write_text(yaml_for(blue))
+    spawn_time = load_config(path)
+    path.write_text(yaml_for(green))  # the reload this worker never heard of
+    port = free_port()
+    settings = ProxySettings(redis_url=redis_url, instance="catch-up-test",
+                             listen=f"127.0.0.1:{port}", events_stream=STREAM,
+                             shutdown_grace_s=1)
+    context = multiprocessing.get_context("spawn")
+    ready = context.Event()
+    worker = context.Process(target=_worker_main, name="apigw-catch-up-test",
+                             args=(spawn_time, settings, ready, path))
+    worker.start()
+    try:
+        assert await asyncio.to_thread(ready.wait, 60), "the worker never became ready"
+        assert await asyncio.to_thread(_get, f"http://127.0.0.1:{port}/x") == (200, b"green")
+    finally:
+        if worker.pid is not None and worker.is_alive():
+            worker.terminate()  # SIGTERM to its own pid: drains and exits
+        await asyncio.to_thread(worker.join, 15)
+        if worker.is_alive():
+            worker.kill()
+            await asyncio.to_thread(worker.join, 5)
+    assert worker.exitcode == 0
