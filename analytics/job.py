@@ -22,6 +22,7 @@ import pandas as pd
 import redis.asyncio as aioredis
 from prometheus_client import Counter, Gauge, Histogram
 from pydantic import BaseModel, Field
+from redis.exceptions import RedisError
 
 from analytics import features
 from analytics.detectors import severity
@@ -42,6 +43,7 @@ from analytics.recommend import (
 from analytics.scoring import detect_all
 from analytics.settings import AnalyticsSettings
 from analytics.writeback import LeaderLease, WriteBack
+from apigw.logs import error_text
 from collector.clickhouse import SharedClient
 from proxy.policy import Policy, RedisKeys
 from proxy.policy_store import PolicyStore
@@ -508,7 +510,10 @@ class AnalyticsJob:
         """Give up the leader lease so a standby instance can act at once."""
         try:
             await self.lease.release()
-        except Exception:  # best effort on shutdown; the lease expires anyway
+        except (RedisError, OSError) as exc:  # best effort on shutdown; the lease expires
+            log.warning("could not release the analytics lease",
+                        extra={"error": error_text(exc)})
+        except Exception:
             log.warning("could not release the analytics lease", exc_info=True)
         LEADER.set(0)
 
@@ -591,6 +596,9 @@ class Scheduler:
                 self._wake.clear()
                 try:
                     await self.run_now()
+                except (RedisError, OSError) as exc:  # Redis refused or is down: one line
+                    log.warning("analytics run failed: redis error; retrying",
+                                extra={"error": error_text(exc), "retry_in_s": self.interval_s})
                 except Exception:
                     log.exception("analytics run failed")
                 waiters = {asyncio.ensure_future(self._wake.wait()),

@@ -17,10 +17,12 @@ from typing import Final
 import redis.asyncio as aioredis
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from redis.exceptions import RedisError
 
 from analytics.job import AnalyticsJob, Scheduler
 from analytics.settings import AnalyticsSettings
 from apigw import logs
+from apigw.logs import error_text
 from collector.clickhouse import SharedClient, is_embedded, redact_dsn
 from proxy.policy import RedisKeys
 from proxy.policy_store import PolicyStore
@@ -57,7 +59,7 @@ async def _readyz(request: web.Request) -> web.Response:
         async with asyncio.timeout(1.0):
             await request.app[REDIS_KEY].ping()
     except Exception as exc:  # any failure means "not ready", with the reason
-        problems.append(f"redis: {type(exc).__name__}")
+        problems.append(f"redis: {error_text(exc)}")
     if not scheduler.healthy:
         problems.append(f"last run failed: {scheduler.last_error}")
     if problems:
@@ -79,6 +81,10 @@ async def _report(request: web.Request) -> web.Response:
 async def _run(request: web.Request) -> web.Response:
     try:
         report = await request.app[SCHEDULER_KEY].run_now()
+    except (RedisError, OSError) as exc:  # Redis refused or is down: no traceback
+        log.warning("on-demand analytics run failed: redis error",
+                    extra={"error": error_text(exc)})
+        return _problem(503, "Analytics run failed", f"Redis unavailable: {error_text(exc)}")
     except Exception as exc:
         log.exception("on-demand analytics run failed")
         return _problem(500, "Analytics run failed", f"{type(exc).__name__}: {exc}")

@@ -52,3 +52,16 @@ def configure(component: str, level: str | None = None) -> None:
     root.setLevel((level or os.environ.get("APIGW_LOG_LEVEL", "INFO")).upper())
     for noisy in ("aiohttp.access", "urllib3", "streamlit"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+ERROR_TEXT_CHARS = 300
+
+
+def error_text(exc: BaseException) -> str:
+    """"Type: message" of an error, for a log line or a readiness answer. redis-py's repr
+    names only a category and the type (`network:ConnectionError`), hiding the reason, e.g.
+    "certificate verify failed"; its messages name the host and port, never the URL or its
+    credentials."""
+    message = str(exc).strip()
+    text = f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+    return text[:ERROR_TEXT_CHARS]

@@ -39,6 +39,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
+from apigw.logs import error_text
 from collector import metrics
 from collector.batch import (
     COLUMNS,
@@ -57,6 +58,7 @@ __all__ = ["COLUMNS", "Batch", "Collector", "RowError", "batch_token", "build_ba
            "entry_age_s", "event_columns", "event_row"]
 
 log = logging.getLogger(__name__)
+
 
 def batch_token(entry_ids: Sequence[str]) -> str:
     """The insert deduplication token of a batch: a function of its stream entry ids only."""
@@ -119,7 +121,7 @@ class Collector:
                     await self.step(stop)
                     backoff = self.settings.retry_initial_s
                 except (RedisError, OSError) as exc:
-                    log.warning("redis error; retrying", extra={"error": repr(exc),
+                    log.warning("redis error; retrying", extra={"error": error_text(exc),
                                                                 "retry_in_s": backoff})
                     self._own_pending = True
                     await _sleep(stop, backoff)
@@ -287,7 +289,7 @@ class Collector:
                         following_batch = await asyncio.to_thread(_build_timed, following)
                 except (RedisError, OSError) as exc:
                     # What was delivered (if anything) is pending: re-read it next step.
-                    log.warning("read-ahead failed", extra={"error": repr(exc)[:200]})
+                    log.warning("read-ahead failed", extra={"error": error_text(exc)})
                     self._own_pending = True
                     following, following_batch = [], None
             if insert is not None and not await insert:

@@ -20,6 +20,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
 from apigw import logs
+from apigw.logs import error_text
 from collector.clickhouse import SharedClient, is_embedded, redact_dsn
 from collector.consumer import Collector
 from collector.schema import apply_retention, migrate
@@ -89,7 +90,7 @@ async def _redis_ok(collector: Collector) -> str:
     try:
         await asyncio.wait_for(collector.redis.ping(), _CHECK_TIMEOUT_S)
     except Exception as exc:
-        return f"unreachable: {type(exc).__name__}"
+        return f"unreachable: {error_text(exc)}"
     return "ok"
 
 

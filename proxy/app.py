@@ -38,6 +38,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_request import BaseRequest
 
+from apigw.logs import error_text
 from proxy.aggregate import AggregateStep
 from proxy.auth.apikeys import ApiKeyVerifier
 from proxy.auth.jwt import JwtVerifier
@@ -238,17 +239,18 @@ class Gateway:
             await asyncio.to_thread(self.tracer.shutdown)
 
     async def readiness(self) -> tuple[bool, dict[str, Any]]:
-        redis_ok, redis_error = True, ""
+        redis_ok, redis_error, redis_reason = True, "", ""
         try:
             async with asyncio.timeout(0.5):
                 await self.redis.ping()
         except Exception as exc:  # any failure means "not reachable", reported as such
-            redis_ok, redis_error = False, type(exc).__name__
+            redis_ok, redis_error, redis_reason = False, type(exc).__name__, error_text(exc)
         fail_mode = self.config.ratelimit.fail_mode
         detail: dict[str, Any] = {
             "instance": self.instance, "config_version": self.version,
             "started": self.started, "stopping": self.stopping,
-            "redis": {"reachable": redis_ok, "error": redis_error},
+            "redis": {"reachable": redis_ok, "error": redis_error,
+                      **({"reason": redis_reason} if redis_reason else {})},
             "policies": {"healthy": self.policies.healthy, "version": self.policies.version,
                          "loaded_from": self.policies.loaded_from,
                          "effective": len(self.policies.policies)},

@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import uvloop
 
-from apigw.logs import configure
+from apigw.logs import configure, error_text
 from proxy.config import ConfigError, GatewayConfig, load_config
 from proxy.settings import ProxySettings, parse_listen
 from proxy.tls import TlsError, TlsListener, check_tls, server_context
@@ -119,7 +119,7 @@ async def seed_policies(config: GatewayConfig, settings: ProxySettings,
             written = await PolicyStore(redis, RedisKeys(settings.key_prefix)).seed(policies)
     except Exception as exc:  # Redis down: the workers still serve the YAML baseline
         log.warning("could not seed policies into Redis; continuing with the config baseline",
-                    extra={"error": repr(exc)[:200], "policies": len(policies)})
+                    extra={"error": error_text(exc), "policies": len(policies)})
         return
     log.info("policies seeded", extra={"policies": len(policies), "written": written})
 
@@ -540,12 +540,12 @@ class _Supervisor:
                                    "exitcode": worker.process.exitcode})
 
     async def readiness(self, redis: aioredis.Redis) -> tuple[bool, dict[str, Any]]:
-        redis_ok, redis_error = True, ""
+        redis_ok, redis_error, redis_reason = True, "", ""
         try:
             async with asyncio.timeout(0.5):
                 await redis.ping()
         except Exception as exc:  # any failure means "not reachable", reported as such
-            redis_ok, redis_error = False, type(exc).__name__
+            redis_ok, redis_error, redis_reason = False, type(exc).__name__, error_text(exc)
         alive = [w for w in self.workers.values() if w.process.is_alive()]
         ready = [w for w in alive if w.ready.is_set()]
         fail_mode = self.config.ratelimit.fail_mode
@@ -556,6 +556,7 @@ class _Supervisor:
                   "workers": {"expected": expected, "alive": len(alive), "ready": len(ready),
                               "restarts": self.restarts,
                               "pids": [w.process.pid for w in alive]},
-                  "redis": {"reachable": redis_ok, "error": redis_error},
+                  "redis": {"reachable": redis_ok, "error": redis_error,
+                            **({"reason": redis_reason} if redis_reason else {})},
                   "ratelimit": {"fail_mode": fail_mode}}
         return is_ready, detail
