@@ -84,7 +84,7 @@ _CLIENT_EXPR: Final = "if(client_id != '', client_id, client_address)"
 _KEY_PART_EXPR: Final = {"client_id": _CLIENT_EXPR, "ip": "client_address",
                          "tenant": "toString(tenant)", "api_key": "api_key_id"}
 _POLICY_CLIENTS_SQL: Final = """
-SELECT if(client_id != '', client_id, client_address) AS client, count() AS requests,
+SELECT {key_expr} AS client, count() AS requests,
        countIf(ratelimit_policy_id = {policy_id:String} AND ratelimit_outcome = 'limited')
            AS limited,
        countIf(ratelimit_policy_id = {policy_id:String}
