@@ -1,5 +1,10 @@
 """Forwarding to upstreams: pools of targets (proxy/pool.py), bodies streamed both ways.
 
+Requests go out through the pool's lean client (proxy/upstream_pool.py: keep-alive
+connections per target, aiohttp's C parser, no ClientSession); a route with response filters
+(cache, transform) uses the pool's aiohttp session instead, because proxy/response_filter.py
+works on an aiohttp response. Both give the same error classes (`classify`).
+
 Request headers: hop-by-hop headers are removed (Connection and every header it names,
 Keep-Alive, TE, Trailer, Transfer-Encoding, Upgrade, Proxy-*), Host becomes the target's,
 X-Forwarded-For/Proto/Host, RFC 7239 Forwarded (`for=...;proto=...;host=...`, IPv6 as
@@ -27,14 +32,17 @@ apigw_upstream_retries_total{decision}); outcomes feed outlier detection (proxy/
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
+import re
 import ssl
 from collections.abc import AsyncIterator, Mapping
 from typing import TYPE_CHECKING, Final
 
 import aiohttp
 from aiohttp import web
+from aiohttp.streams import StreamReader
 from aiohttp.web_request import BaseRequest
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
@@ -46,6 +54,7 @@ from proxy.listener import ClientBodyTimeout
 from proxy.pool import UpstreamPool
 from proxy.problem import problem_response
 from proxy.resilience import RetryPolicy, failure_class, timeout_for
+from proxy.upstream_conn import UpstreamError, UpstreamResponse
 from proxy.websocket import proxy_websocket, wants_websocket
 
 if TYPE_CHECKING:
@@ -62,19 +71,23 @@ HOP_BY_HOP: Final = frozenset({"connection", "keep-alive", "te", "trailer", "tra
 _FORWARDING: Final = frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host",
                                 "forwarded", "x-real-ip"})
 _REPLACED: Final = frozenset({"host", "x-request-id", "traceparent", "via"})
+_DROPPED: Final = HOP_BY_HOP | _REPLACED
+_DROPPED_UNTRUSTED: Final = _DROPPED | _FORWARDING
+_RESPONSE_DROPPED: Final = HOP_BY_HOP | {"via"}
+_RESPONSE_DROPPED_SMALL: Final = _RESPONSE_DROPPED | {"content-length"}  # the body is re-sent
 _MAX_REQUEST_ID: Final = 128
 _CLIENT_BODY_FAILURES: Final = frozenset({"client_body_error", "client_body_timeout",
                                           "payload_too_large"})
 _ID_CHARS: Final = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._:-")
 _HEX: Final = frozenset("0123456789abcdef")
-_TOKEN: Final = frozenset("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyz"
-                          "ABCDEFGHIJKLMNOPQRSTUVWXYZ")
+_TOKEN: Final = re.compile(r"[!#$%&'*+\-.^_`|~0-9a-zA-Z]+")
+_ID_FORMATS: Final = {bits: f"%0{bits // 4}x" for bits in (64, 128)}
 
 
 # --- request id and W3C trace context -------------------------------------------------------
 
 def new_id(bits: int) -> str:
-    return f"{random.getrandbits(bits):0{bits // 4}x}"
+    return _ID_FORMATS[bits] % random.getrandbits(bits)
 
 
 def request_id_from(value: str | None) -> str:
@@ -104,18 +117,22 @@ def trace_context(traceparent: str | None) -> tuple[str, str, str]:
 
 def _connection_tokens(headers: Mapping[str, str]) -> frozenset[str]:
     value = headers.get("Connection")
-    if not value:
-        return frozenset()
+    return _tokens(value) if value else frozenset()
+
+
+@functools.lru_cache(maxsize=64)  # "keep-alive", "close", "Upgrade": a handful of values
+def _tokens(value: str) -> frozenset[str]:
     return frozenset(token.strip().lower() for token in value.split(","))
 
 
 def _forwarded_value(value: str) -> str:
     """A Forwarded parameter value: a token as-is, anything else as a quoted-string."""
-    if value and _TOKEN.issuperset(value):
+    if _TOKEN.fullmatch(value):
         return value
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
+@functools.lru_cache(maxsize=256)  # the same clients and hosts, request after request
 def forwarded_element(peer: str, proto: str, host: str | None) -> str:
     """This hop's RFC 7239 element: for=<client>;proto=<scheme>[;host=<host>]."""
     node = f"[{peer}]" if ":" in peer else (peer or "unknown")
@@ -130,45 +147,50 @@ def upstream_request_headers(ex: Exchange, upstream_host: str,
     request = ex.request
     incoming = request.headers
     named = _connection_tokens(incoming)
-    headers: CIMultiDict[str] = CIMultiDict()
-    for name, value in incoming.items():
-        lower = name.lower()
-        if (lower in HOP_BY_HOP or lower in _REPLACED or lower.startswith("proxy-")
-                or (named and lower in named) or (not trusted_peer and lower in _FORWARDING)):
-            continue
-        headers.add(name, value)
+    drop = _DROPPED if trusted_peer else _DROPPED_UNTRUSTED
+    headers: CIMultiDict[str] = CIMultiDict([
+        (name, value) for name, value in incoming.items()
+        if not ((lower := name.lower()) in drop or lower.startswith("proxy-")
+                or (named and lower in named))])
+    add = headers.add  # below: names the filter dropped, so nothing is replaced
     peer = request.remote or ""
-    previous = ", ".join(incoming.getall("X-Forwarded-For", ())) if trusted_peer else ""
-    headers["X-Forwarded-For"] = f"{previous}, {peer}" if previous else peer
-    if "X-Forwarded-Proto" not in headers:
-        headers["X-Forwarded-Proto"] = request.scheme
+    scheme = request.scheme
     host = incoming.get("Host")
-    if host and "X-Forwarded-Host" not in headers:
-        headers["X-Forwarded-Host"] = host
-    previous_forwarded = (", ".join(incoming.getall("Forwarded", ())) if trusted_peer
-                          else "")
-    element = forwarded_element(peer, request.scheme, host)
-    headers["Forwarded"] = f"{previous_forwarded}, {element}" if previous_forwarded else element
+    element = forwarded_element(peer, scheme, host)
+    if trusted_peer:  # a trusted proxy's X-Forwarded-* and Forwarded are kept, this hop added
+        previous = ", ".join(incoming.getall("X-Forwarded-For", ()))
+        headers["X-Forwarded-For"] = f"{previous}, {peer}" if previous else peer
+        if "X-Forwarded-Proto" not in headers:
+            add("X-Forwarded-Proto", scheme)
+        if host and "X-Forwarded-Host" not in headers:
+            add("X-Forwarded-Host", host)
+        previous_forwarded = ", ".join(incoming.getall("Forwarded", ()))
+        headers["Forwarded"] = (f"{previous_forwarded}, {element}" if previous_forwarded
+                                else element)
+    else:
+        add("X-Forwarded-For", peer)
+        add("X-Forwarded-Proto", scheme)
+        if host:
+            add("X-Forwarded-Host", host)
+        add("Forwarded", element)
     via = incoming.get("Via")
-    headers["Via"] = f"{via}, {VIA}" if via else VIA
-    headers["Host"] = upstream_host
-    headers["X-Request-Id"] = ex.request_id
-    headers["traceparent"] = ex.traceparent
+    add("Via", f"{via}, {VIA}" if via else VIA)
+    add("Host", upstream_host)
+    add("X-Request-Id", ex.request_id)
+    add("traceparent", ex.traceparent)
     return headers
 
 
 def response_headers(upstream: CIMultiDictProxy[str], extra: Mapping[str, str],
                      keep_length: bool) -> CIMultiDict[str]:
     named = _connection_tokens(upstream)
-    headers: CIMultiDict[str] = CIMultiDict()
-    for name, value in upstream.items():
-        lower = name.lower()
-        if (lower in HOP_BY_HOP or lower.startswith("proxy-") or (named and lower in named)
-                or lower == "via" or (not keep_length and lower == "content-length")):
-            continue
-        headers.add(name, value)
+    drop = _RESPONSE_DROPPED if keep_length else _RESPONSE_DROPPED_SMALL
+    headers: CIMultiDict[str] = CIMultiDict([
+        (name, value) for name, value in upstream.items()
+        if not ((lower := name.lower()) in drop or lower.startswith("proxy-")
+                or (named and lower in named))])
     via = upstream.get("Via")
-    headers["Via"] = f"{via}, {VIA}" if via else VIA
+    headers.add("Via", f"{via}, {VIA}" if via else VIA)
     headers.update(extra)
     return headers
 
@@ -177,6 +199,8 @@ def response_headers(upstream: CIMultiDictProxy[str], extra: Mapping[str, str],
 
 def classify(exc: BaseException) -> tuple[str, str]:
     """(event error_type, problem slug) for an exception raised while talking to an upstream."""
+    if isinstance(exc, UpstreamError):  # the lean client's own (proxy/upstream_conn.py)
+        return exc.error_type, exc.slug
     if isinstance(exc, aiohttp.ConnectionTimeoutError):
         return "upstream_connect_timeout", "upstream-timeout"
     if isinstance(exc, asyncio.TimeoutError):  # includes aiohttp's read timeouts
@@ -326,6 +350,7 @@ class Forwarder:
                 if retry is not None and length <= retry.config.max_body_bytes:
                     held = await request.read()
         replayable = not has_body or held is not None
+        lean = not ex.response_filters
         if retry is not None:
             retry.deposit()
         breaker = pool.breaker
@@ -346,21 +371,30 @@ class Forwarder:
                 ep = pool.pick(ex)  # a retry prefers another target (Envoy's previous_hosts)
             event.upstream = ep.address
             headers["Host"] = ep.host_header
-            body: object = None
+            body: bytes | StreamReader | AsyncIterator[bytes] | None = None
             if has_body:
                 body = held if held is not None else (
                     request.content if length is not None
                     else _counted(request, event, plan.max_body))
-            url = URL(ep.base + suffix, encoded=True)
             ep.outstanding += 1
             trace, span, status, error_type = ex.trace, None, 0, ""
             if trace is not None:  # a client span per attempt, named in its traceparent
-                span, headers["traceparent"] = trace.client(request.method, url, attempt)
+                span, headers["traceparent"] = trace.client(
+                    request.method, URL(ep.base + suffix, encoded=True), attempt)
+            response: UpstreamResponse | aiohttp.ClientResponse
             try:
                 try:
-                    response = await pool.session.request(
-                        request.method, url, headers=headers, data=body, allow_redirects=False,
-                        compress=None, timeout=plan.timeout)
+                    if lean:
+                        timeout = plan.timeout
+                        response = await pool.connections.request(
+                            ep, request.method, suffix, headers, body, length,
+                            connect_s=timeout.connect, read_s=timeout.sock_read,
+                            total_s=timeout.total)
+                    else:  # response filters take an aiohttp response (response_filter.py)
+                        response = await pool.session.request(
+                            request.method, URL(ep.base + suffix, encoded=True),
+                            headers=headers, data=body, allow_redirects=False, compress=None,
+                            timeout=plan.timeout)
                 except ClientGone:
                     pool.abandon()
                     raise
@@ -435,8 +469,9 @@ class Forwarder:
         return classify(exc)[0]
 
     async def _respond(self, ex: Exchange,
-                       upstream: aiohttp.ClientResponse) -> web.StreamResponse:
-        if ex.response_filters:  # cache / transform want the response (response_filter.py)
+                       upstream: UpstreamResponse | aiohttp.ClientResponse
+                       ) -> web.StreamResponse:
+        if ex.response_filters and isinstance(upstream, aiohttp.ClientResponse):
             from proxy.response_filter import respond
 
             return await respond(ex, upstream)
@@ -453,8 +488,9 @@ class Forwarder:
             return empty
         if length is not None and length <= SMALL_BODY:
             try:
-                body = await upstream.read()
-            except (aiohttp.ClientError, TimeoutError) as exc:  # cut short: 502/504, not 500
+                content = upstream.content
+                body = content.read_nowait() if content.is_eof() else await content.read()
+            except (UpstreamError, aiohttp.ClientError, TimeoutError) as exc:  # cut: 502/504
                 return await self._failure(ex, exc, classify(exc)[0])
             headers = response_headers(upstream.headers, ex.response_headers, keep_length=False)
             event.http_response_body_size = len(body)
@@ -516,7 +552,7 @@ async def _answer_and_close(ex: Exchange, response: web.Response) -> web.Respons
 
 
 async def relay_body(request: BaseRequest, stream: web.StreamResponse,
-                     upstream: aiohttp.ClientResponse, event: RequestEvent,
+                     upstream: UpstreamResponse | aiohttp.ClientResponse, event: RequestEvent,
                      prefix: bytes = b"") -> web.StreamResponse:
     """Copy the upstream body to the prepared `stream`, recording the bytes sent; an upstream
     that fails mid-body cuts the client connection so the truncation is visible."""

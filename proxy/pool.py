@@ -1,11 +1,14 @@
-"""An upstream pool: its targets, the balancer, one keep-alive connection pool, health.
+"""An upstream pool: its targets, the balancer, its keep-alive connections, health.
 
-One aiohttp session per upstream holds the keep-alive connections of all its targets:
-`max_connections` bounds the whole pool, `max_connections_per_target` each target
-(aiohttp's per-host limit), idle connections are kept `keepalive_s`. A request waiting for a
-connection waits within its connect timeout. Outlier detection, the active health checker
-and the circuit breaker exist only when configured, so a plain single-URL upstream costs
-nothing extra per request.
+Forwarded requests go through `connections` (proxy/upstream_pool.py, the lean client):
+`max_connections` bounds the whole pool, `max_connections_per_target` each target, idle
+connections are kept `keepalive_s`; a request waiting for a connection waits within its
+connect timeout. The aiohttp `session` (the same limits, counted apart) serves what still
+needs an aiohttp client: WebSocket sessions, aggregation backends, routes with response
+filters (cache, transform: proxy/response_filter.py takes an aiohttp response) and active
+health checks.
+Outlier detection, the active health checker and the circuit breaker exist only when
+configured, so a plain single-URL upstream costs nothing extra per request.
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ from proxy.balancing import ConsistentHash, Endpoint, make_balancer
 from proxy.config import Upstream
 from proxy.health import HealthChecker, OutlierDetector, publish
 from proxy.resilience import HALF_OPEN, CircuitBreaker
-from proxy.tls import upstream_context
+from proxy.tls import unverified_context, upstream_context
+from proxy.upstream_pool import ConnectionPool
 
 if TYPE_CHECKING:
     from proxy.app import Exchange
@@ -50,6 +54,7 @@ class UpstreamPool:
         self.timeout = aiohttp.ClientTimeout(total=timeouts.total_s, connect=timeouts.connect_s,
                                              sock_read=timeouts.read_s)
         self._session: aiohttp.ClientSession | None = None
+        self._connections: ConnectionPool | None = None
 
     # kept for callers of the single-target era
     @property
@@ -58,10 +63,16 @@ class UpstreamPool:
 
     async def start(self) -> None:
         config = self.config
+        context = self.ssl_context()
+        self._connections = ConnectionPool(
+            self.endpoints, max_connections=config.max_connections,
+            max_per_target=config.max_connections_per_target, keepalive_s=config.keepalive_s,
+            tls=context if isinstance(context, ssl.SSLContext)
+            else None if context else unverified_context())
         connector = aiohttp.TCPConnector(limit=config.max_connections,
                                          limit_per_host=config.max_connections_per_target,
                                          keepalive_timeout=config.keepalive_s, ttl_dns_cache=60,
-                                         ssl=self.ssl_context())
+                                         ssl=context)
         self._session = aiohttp.ClientSession(
             connector=connector, cookie_jar=aiohttp.DummyCookieJar(), auto_decompress=False,
             skip_auto_headers=SKIP_AUTO_HEADERS, trust_env=False, read_bufsize=64 * 1024,
@@ -90,12 +101,21 @@ class UpstreamPool:
         session, self._session = self._session, None
         if session is not None:
             await session.close()
+        connections, self._connections = self._connections, None
+        if connections is not None:
+            await connections.close()
 
     @property
     def session(self) -> aiohttp.ClientSession:
         if self._session is None:
             raise RuntimeError(f"upstream {self.name!r} used before start()")
         return self._session
+
+    @property
+    def connections(self) -> ConnectionPool:
+        if self._connections is None:
+            raise RuntimeError(f"upstream {self.name!r} used before start()")
+        return self._connections
 
     def pick(self, ex: Exchange) -> Endpoint:
         single = self.single

@@ -106,6 +106,15 @@ def upstream_context(config: UpstreamTls | None) -> ssl.SSLContext | bool:
     return context
 
 
+def unverified_context() -> ssl.SSLContext:
+    """The lean upstream client's context for `verify: false` (aiohttp's `ssl=False`)."""
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return context
+
+
 def _stamp(*paths: str) -> tuple[tuple[int, int], ...] | None:
     try:
         return tuple((stat.st_mtime_ns, stat.st_size) for stat in map(os.stat, paths))
