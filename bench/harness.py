@@ -16,7 +16,10 @@ default 5s), BENCH_WARMUP (1s), BENCH_ROUNDS (2), BENCH_CONNECTIONS (50), BENCH_
 (comma-separated target names), BENCH_MEMORY_DURATION (memory run at ~80% of capacity,
 default 30s; 300s for the 5-minute check; 0 skips it), BENCH_PROFILE=1 or a target name
 (py-spy profile of the full chain or that target: top functions and own time by area),
-BENCH_KEEP=1 (keep the temp dir with logs).
+BENCH_KEEP=1 (keep the temp dir with logs), BENCH_BASE_ROOT=<checkout> (every selected gateway
+configuration also runs from that checkout, e.g. a `git worktree` of the previous commit, as
+`<name>-base`: before and after in one run), BENCH_VARIANT_ENV=NAME=VALUE[,...] (every selected
+gateway configuration also runs with those variables as `<name>-variant`).
 """
 
 from __future__ import annotations
@@ -79,11 +82,12 @@ class Processes:
         self.started: list[tuple[str, subprocess.Popen[bytes]]] = []
 
     def start(self, name: str, args: list[str], cpus: str | None,
-              env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+              env: dict[str, str] | None = None,
+              cwd: Path = ROOT) -> subprocess.Popen[bytes]:
         command = (["taskset", "-c", cpus] if cpus else []) + args
         with (self.logs / f"{name}.log").open("ab") as log:
             process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
-                                       stdin=subprocess.DEVNULL, env=env, cwd=ROOT,
+                                       stdin=subprocess.DEVNULL, env=env, cwd=cwd,
                                        start_new_session=True)
         self.started.append((name, process))
         return process
@@ -256,6 +260,10 @@ class Bench:
         self.rounds = int(os.environ.get("BENCH_ROUNDS", "2"))
         self.connections = int(os.environ.get("BENCH_CONNECTIONS", "50"))
         self.memory_duration = env_seconds("BENCH_MEMORY_DURATION", "30s")
+        base = os.environ.get("BENCH_BASE_ROOT", "").strip()
+        self.base_root = Path(base).resolve() if base else None
+        variant = os.environ.get("BENCH_VARIANT_ENV", "").strip()
+        self.variant_env = dict(item.split("=", 1) for item in variant.split(",") if "=" in item)
         only = os.environ.get("BENCH_ONLY", "").strip()
         self.only = {name.strip() for name in only.split(",") if name.strip()}
         self.targets: list[Target] = []
@@ -339,18 +347,30 @@ class Bench:
                     pinned: bool = True, env: dict[str, str] | None = None,
                     note: str = "") -> None:
         """Start one gateway configuration; one that fails to start is reported and skipped
-        (the proxy is being changed by others: the rest of the run still counts)."""
+        (the proxy is being changed by others: the rest of the run still counts). With
+        BENCH_BASE_ROOT, the same configuration also runs from that checkout as `<name>-base`;
+        with BENCH_VARIANT_ENV, also with those variables as `<name>-variant` (before/after
+        pairs measured side by side)."""
         if not self.want(name):
             return
-        try:
-            self._add_gateway(name, source, workers, routes, pinned, env or {}, note)
-        except (RuntimeError, OSError) as exc:
-            print(f"bench: SKIPPED {name}: {exc} (log: {self.logs / f'gw-{name}.log'})",
-                  flush=True)
-            self.skipped[name] = str(exc)
+        env = env or {}
+        runs = [(name, ROOT, note, env)]
+        if self.base_root is not None:
+            runs.append((f"{name}-base", self.base_root, f"{note} [{self.base_root}]", env))
+        if self.variant_env:
+            runs.append((f"{name}-variant", ROOT, f"{note} [{self.variant_env}]",
+                         {**env, **self.variant_env}))
+        for run_name, root, run_note, run_env in runs:
+            try:
+                self._add_gateway(run_name, source, workers, routes, pinned, run_env,
+                                  run_note, root)
+            except (RuntimeError, OSError) as exc:
+                print(f"bench: SKIPPED {run_name}: {exc} "
+                      f"(log: {self.logs / f'gw-{run_name}.log'})", flush=True)
+                self.skipped[run_name] = str(exc)
 
     def _add_gateway(self, name: str, source: str, workers: int, routes: int, pinned: bool,
-                     env: dict[str, str], note: str) -> None:
+                     env: dict[str, str], note: str, root: Path = ROOT) -> None:
         port, admin = free_port(), free_port()
         config = self.gateway_config(name, source, routes)
         process_env = {**os.environ, "APIGW_REDIS_URL": self.redis_url,
@@ -359,10 +379,12 @@ class Bench:
                        "APIGW_INSTANCE": f"bench-{name}",
                        "BENCH_UPSTREAM_URL": f"http://127.0.0.1:{self.upstream_port}",
                        "BENCH_JWT_SECRET": JWT_SECRET, **env}
+        if root != ROOT:  # the other checkout's packages first (and as the working dir)
+            process_env["PYTHONPATH"] = str(root)
         process = self.procs.start(f"gw-{name}", [
             self.python, "-m", "apigw.cli", "proxy", "--config", str(config),
             "--listen", f"127.0.0.1:{port}", "--admin", f"127.0.0.1:{admin}",
-            "--workers", str(workers)], SUT_CPU if pinned else None, env=process_env)
+            "--workers", str(workers)], SUT_CPU if pinned else None, env=process_env, cwd=root)
         wait_http(f"http://127.0.0.1:{admin}/readyz", timeout=60, process=process)
         pids = descendants(process.pid) if workers > 1 else [process.pid]
         headers = list(CLIENT_HEADERS)
@@ -449,25 +471,31 @@ class Bench:
                           "function delay() return d end\n")
         delay_ms = 10
         connections = max(1, round(rate * (delay_ms + 1) / 1000))
+        # RSS follows concurrency (buffers per client and upstream connection): steering never
+        # goes past the concurrency the capacity was measured with, so a starved proxy shows
+        # as a lower achieved rate, not as "growth" from hundreds of extra connections.
+        ceiling = max(self.connections, connections)
         segment = min(10.0, seconds)
         pid = target.pids[0]
         samples: list[tuple[float, float]] = []
         rates: list[float] = []
+        used: list[int] = []  # wrk connections per segment: concurrency sets the RSS high-water
         started = time.monotonic()
         env = {**os.environ, "BENCH_DELAY_MS": str(delay_ms)}
         while time.monotonic() - started < seconds:
             result = wrk(target.url, connections, f"{segment:g}s", target.cpus, target.headers,
                          script, env)
             rates.append(result.rps)
+            used.append(connections)
             samples.append((round(time.monotonic() - started, 1), round(rss_mib(pid), 1)))
             if result.rps > 0:  # steer the next segment towards the target rate
-                connections = max(1, min(1000, round(connections * rate / result.rps)))
+                connections = max(1, min(ceiling, round(connections * rate / result.rps)))
         values = [rss for _, rss in samples]
         settled = values[1:] if len(values) > 2 else values
         growth = (settled[-1] - settled[0]) / settled[0] * 100 if settled[0] else 0.0
         return {"target": target.name, "seconds": seconds, "target_rps": round(rate),
                 "achieved_rps": round(sum(rates[1:] or rates) / len(rates[1:] or rates)),
-                "capacity_rps": round(capacity), "rss_mib": samples,
+                "capacity_rps": round(capacity), "rss_mib": samples, "connections": used,
                 "growth_pct_after_first_segment": round(growth, 1),
                 "flat_within_10pct": abs(growth) <= 10.0}
 
@@ -691,7 +719,8 @@ def main() -> int:
                   f"{memory['target_rps']}, 80% of {memory['capacity_rps']}) for "
                   f"{memory['seconds']:g}s: RSS MiB {memory['rss_mib']}; growth after the "
                   f"first segment {memory['growth_pct_after_first_segment']}% -> "
-                  f"{'flat' if memory['flat_within_10pct'] else 'NOT flat'}")
+                  f"{'flat' if memory['flat_within_10pct'] else 'NOT flat'}; wrk connections "
+                  f"per segment {memory['connections']}")
         profiled = os.environ.get("BENCH_PROFILE", "")
         profiled = "full" if profiled == "1" else profiled
         profile = bench.profile(profiled) if profiled else {}
