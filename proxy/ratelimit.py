@@ -21,6 +21,7 @@ import logging
 import math
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -310,6 +311,13 @@ class HybridRateLimiter:
         """Reservation size: at most a quarter of the burst, so small limits stay exact."""
         return max(1, min(self.batch, _burst(policy) // 4))
 
+    def check_held(self, policy: Policy, key: str, cost: int = 1) -> Decision | None:
+        """The answer from tokens or a denial already held, without touching Redis; None when
+        a reservation (or a quota, never reserved) needs Redis."""
+        if policy.quota_period is not None:
+            return None
+        return self._local((policy.id, policy.version, state_key(key)), policy, cost)
+
     async def check(self, policy: Policy, key: str, cost: int = 1) -> Decision:
         if policy.quota_period is not None:  # reserved quota would be lost for the period
             return await self._redis.check(policy, key, cost)
@@ -385,6 +393,8 @@ class FailoverRateLimiter:
                  fail_mode: Literal["open", "closed"] = "open", timeout_s: float = 0.25,
                  *, min_backoff_s: float = 1.0, max_backoff_s: float = 10.0) -> None:
         self._redis = redis_limiter
+        self._held: Callable[[Policy, str, int], Decision | None] | None = (
+            redis_limiter.check_held if isinstance(redis_limiter, HybridRateLimiter) else None)
         self._local = local_limiter
         self.fail_mode = fail_mode
         self.timeout_s = timeout_s
@@ -398,6 +408,10 @@ class FailoverRateLimiter:
     async def check(self, policy: Policy, key: str, cost: int = 1) -> Decision:
         if self.degraded and time.monotonic() < self._retry_at:
             return self._fallback(policy, key, cost)
+        if self._held is not None and not self.degraded:  # hybrid: most checks end here
+            held = self._held(policy, key, cost)
+            if held is not None:
+                return held
         probing = self.degraded
         if probing:
             self._retry_at = time.monotonic() + self._backoff  # one probe at a time
