@@ -162,15 +162,17 @@ class RedisKeys:
         self.recommendations = f"{prefix}:recommendations"  # hash: id -> Recommendation JSON
         self.auto_mode = f"{prefix}:analytics:auto_mode"  # hash: route group -> off|recommend|auto
         self.kill_switch = f"{prefix}:analytics:kill_switch"  # "1" stops automatic changes
+        # hash: anomaly id -> AnomalyReview JSON (security review: dismissed / actioned)
+        self.anomaly_reviews = f"{prefix}:anomaly_reviews"
         self.analytics_lock = f"{prefix}:analytics:leader"  # lease held by the acting instance
-
-    def policy_history(self, policy_id: str) -> str:
         # Event loss accounting (docs/reliability.md): hash emitter id -> heartbeat JSON
         # {assigned, handed, at, closed}; hash emitter id -> final "assigned" mark of a worker
         # that died (written by the proxy's parent); the lease of the collectors' accountant.
         self.event_emitters = f"{prefix}:events:emitters"
         self.event_emitter_deaths = f"{prefix}:events:emitters:deaths"
         self.loss_accountant_lock = f"{prefix}:events:accountant"
+
+    def policy_history(self, policy_id: str) -> str:
         """List of every version of one policy, newest first."""
         return f"{self.prefix}:policy_history:{policy_id}"
 
@@ -181,8 +183,6 @@ class RedisKeys:
         """Counter of one key for one quota period (e.g. 2025-06-01 or 2025-06)."""
         return f"{self.prefix}:quota:{{{policy_id}:{key}}}:{version}:{period}"
 
-    @property
-    def api_keys(self) -> str:
     def cache_resource(self, route_id: str, resource: str) -> str:
         """Response cache (proxy/cache_redis.py): the prefix of one cached resource's keys,
         `resource` a digest of its path and query. Its entries, Vary'd names and index share
@@ -201,6 +201,8 @@ class RedisKeys:
         """Set of the entry and Vary keys of one resource (what invalidation deletes)."""
         return f"{self.cache_resource(route_id, resource)}:i"
 
+    @property
+    def api_keys(self) -> str:
         """Hash: API-key digest -> ApiKeyRecord JSON (never the key itself)."""
         return f"{self.prefix}:apikeys"
 
