@@ -179,11 +179,13 @@ class Actions:
         query_params(request, NoParams)
         body = await json_body(request, TargetedLimitBody)
         principal = request[PRINCIPAL]
-        anomaly = None
-        if body.anomaly_id is not None:
-            anomaly = await self.ctx.queries.anomaly(body.anomaly_id)
-            if anomaly is None:
-                raise ProblemError(404, "Unknown anomaly", f"no anomaly {body.anomaly_id!r}")
+        wanted = list(dict.fromkeys([*([body.anomaly_id] if body.anomaly_id else []),
+                                     *body.anomaly_ids]))
+        answered = await self.ctx.queries.anomalies_by_id(wanted)
+        missing = sorted(set(wanted) - {a.id for a in answered})
+        if missing:
+            raise ProblemError(404, "Unknown anomaly",
+                               f"no anomaly {', '.join(map(repr, missing))}")
         try:
             policy = Policy(id=targeted_policy_id(body.route_id, body.method, body.client),
                             route_id=body.route_id, method=body.method,
@@ -194,8 +196,8 @@ class Actions:
         except ValidationError as exc:
             raise validation_problem(exc, "request body") from None
         stored = await self.ctx.store.put(policy, actor=principal.name, reason=body.reason,
-                                          evidence=body.anomaly_id or "")
-        if anomaly is not None:
+                                          evidence=",".join(wanted))
+        for anomaly in sorted(answered, key=lambda a: wanted.index(a.id)):
             await self.ctx.reviews.put(anomaly.id, AnomalyReview(
                 outcome=ReviewOutcome.ACTIONED, by=principal.name, reason=body.reason,
                 at=time.time(), policy_id=stored.id))
@@ -235,13 +237,16 @@ class Actions:
         principal = request[PRINCIPAL]
         deleted = await self.ctx.store.delete(policy_id, actor=principal.name,
                                               reason=body.reason or "operator delete")
+        if deleted:
+            await self._undone_recommendations(request, policy_id, 0,
+                                               body.reason or "operator delete")
         return model_response(DeletedResponse(policy_id=policy_id, deleted=deleted))
 
     async def rollback_policy(self, request: web.Request) -> web.Response:
         query_params(request, NoParams)
         body = await json_body(request, PolicyRollbackBody)
         policy_id = request.match_info["id"]
-        await existing_policy(self.ctx, policy_id)
+        current = await existing_policy(self.ctx, policy_id)
         versions = await self.ctx.store.history(policy_id)
         known = {p.version for p in versions}
         if body.to_version is not None and body.to_version not in known:
@@ -257,7 +262,37 @@ class Actions:
                                                      to_version=body.to_version)
         except (LookupError, ValueError) as exc:
             raise ProblemError(409, "Rollback refused", str(exc)) from None
+        target = body.to_version if body.to_version is not None else max(
+            (v for v in known if v < current.version), default=0)
+        await self._undone_recommendations(request, policy_id, target,
+                                           body.reason or "operator rollback")
         return model_response(restored)
+
+    async def _undone_recommendations(self, request: web.Request, policy_id: str,
+                                      kept_version: int, reason: str) -> None:
+        """A policy rolled back to `kept_version` (0: deleted) no longer enforces what an
+        applied recommendation put in at a later version: mark it rolled back, audited."""
+        principal = request[PRINCIPAL]
+        raws = await self.ctx.redis.hgetall(self.ctx.keys.recommendations)
+        for raw in raws.values():
+            try:
+                rec = Recommendation.model_validate_json(raw)
+            except ValidationError:
+                continue
+            if (rec.status is not RecommendationStatus.APPLIED or rec.policy.id != policy_id
+                    or rec.policy.version <= kept_version):
+                continue
+            undone = (f"rolled back to version {kept_version}" if kept_version
+                      else "deleted")
+            updated = rec.model_copy(update={
+                "status": RecommendationStatus.ROLLED_BACK, "status_by": principal.name,
+                "status_reason": f"policy {policy_id} {undone}: {reason}",
+                "updated_at": time.time()})
+            await self.ctx.redis.hset(self.ctx.keys.recommendations, rec.id,
+                                      updated.model_dump_json())
+            await self.ctx.audit(request, "recommendation.rolled_back",
+                                 f"recommendation:{rec.id}", reason, _summary(rec),
+                                 _summary(updated), evidence=",".join(rec.anomaly_ids))
 
     # -- analytics -----------------------------------------------------------------------------
 

@@ -194,6 +194,8 @@ class AnomaliesParams(EndpointParams):
     status: AnomalyStatus | None = Field(default=None, description="open | resolved | "
                                                                    "dismissed | actioned")
     limit: int = Field(default=200, ge=1, le=1000)
+    offset: int = Field(default=0, ge=0, le=100_000, description=(
+        "Skip this many (newest first); every filter, status included, applies before it."))
 
 
 class RecommendationsParams(Params):
@@ -201,9 +203,37 @@ class RecommendationsParams(Params):
     route_id: str | None = Field(default=None, max_length=200)
 
 
+_MATCH_HELP = "exact, or a prefix when it ends with * (e.g. {})"
+
+
+def _match_shape(value: str | None) -> str | None:
+    if value is not None and "*" in value[:-1]:
+        raise ValueError("* is allowed only at the end (a prefix match)")
+    return value
+
+
 class AuditParams(Params):
     count: int = Field(default=200, ge=1, le=1000)
-    subject: str | None = Field(default=None, max_length=300)
+    subject: str | None = Field(default=None, max_length=300, description=(
+        "Subject: " + _MATCH_HELP.format("recommendation:*")))
+    actor: str | None = Field(default=None, max_length=200, description=(
+        "Who acted: " + _MATCH_HELP.format("analytics")))
+    action: str | None = Field(default=None, max_length=100, description=(
+        "What was done: " + _MATCH_HELP.format("policy.*")))
+    from_: Epoch | None = Field(default=None, alias="from",
+                                description="Written at or after: epoch seconds or ISO-8601.")
+    to: Epoch | None = Field(default=None, description="Written before (default: now).")
+
+    @field_validator("subject", "actor", "action")
+    @classmethod
+    def _patterns(cls, value: str | None) -> str | None:
+        return _match_shape(value)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> AuditParams:
+        if self.from_ is not None and self.to is not None and self.from_ >= self.to:
+            raise ValueError("from must be before to")
+        return self
 
 
 class DiffParams(Params):
@@ -292,6 +322,10 @@ class TargetedLimitBody(Params):
     mode: Mode = Mode.ENFORCE
     anomaly_id: str | None = Field(default=None, max_length=200,
                                    description="The anomaly this answers; marked actioned.")
+    anomaly_ids: list[Annotated[str, Field(min_length=1, max_length=200)]] = Field(
+        default_factory=list, max_length=500, description=(
+            "More anomalies this answers (the other windows of one incident); each marked "
+            "actioned."))
     reason: str = Field(min_length=1, max_length=2000, pattern=r"\S",
                         description="Why; required (not blank).")
 
@@ -350,6 +384,8 @@ class AnomalyView(Anomaly):
 
 class AnomaliesResponse(BaseModel):
     anomalies: list[AnomalyView]
+    next_offset: int | None = Field(default=None, description=(
+        "The offset of the next page when this one is full, else null."))
 
 
 class RecommendationsResponse(BaseModel):

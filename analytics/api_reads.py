@@ -10,6 +10,7 @@ from typing import Any
 from aiohttp import web
 from pydantic import ValidationError
 
+from analytics.api_audit import audit_records
 from analytics.api_context import ApiContext, text
 from analytics.api_models import (
     AnomaliesParams,
@@ -46,6 +47,7 @@ from analytics.api_models import (
 from analytics.job import Scheduler
 from analytics.models import Anomaly, Recommendation
 from analytics.problems import ProblemError
+from analytics.queries import ReviewFilter
 from analytics.reviews import AnomalyReview
 from proxy.policy import Policy
 
@@ -117,12 +119,29 @@ class Reads:
 
     async def anomalies(self, request: web.Request) -> web.Response:
         params = query_params(request, AnomaliesParams)
-        fetch = params.limit if params.status is None else 1000  # status is joined from Redis
+        review = await self._review_filter(params.status)
+        if review is not None and review.only_ids is not None and not review.only_ids:
+            return model_response(AnomaliesResponse(anomalies=[]))  # none has that outcome
         rows = await self.ctx.queries.anomalies(params.time_range(), params.endpoint(),
-                                                params.kind, params.severity, fetch)
-        views = [v for v in await self._views(rows)
-                 if params.status is None or v.status is params.status]
-        return model_response(AnomaliesResponse(anomalies=views[:params.limit]))
+                                                params.kind, params.severity, params.limit,
+                                                params.offset, review)
+        next_offset = params.offset + len(rows) if len(rows) == params.limit else None
+        return model_response(AnomaliesResponse(anomalies=await self._views(rows),
+                                                next_offset=next_offset))
+
+    async def _review_filter(self, status: AnomalyStatus | None) -> ReviewFilter | None:
+        """The status as a filter ClickHouse applies before the limit: reviewed ones by id,
+        open / resolved as not reviewed and by when their window ended (as `anomaly_view`)."""
+        if status is None:
+            return None
+        outcomes = await self.ctx.reviews.outcomes()
+        if status in (AnomalyStatus.DISMISSED, AnomalyStatus.ACTIONED):
+            return ReviewFilter(only_ids=sorted(i for i, outcome in outcomes.items()
+                                                if outcome.value == status.value))
+        open_after = time.time() - self.ctx.settings.api_open_anomaly_s
+        if status is AnomalyStatus.OPEN:
+            return ReviewFilter(except_ids=sorted(outcomes), ended_after=open_after)
+        return ReviewFilter(except_ids=sorted(outcomes), ended_before=open_after)
 
     async def anomaly(self, request: web.Request) -> web.Response:
         query_params(request, NoParams)
@@ -220,7 +239,7 @@ class Reads:
 
     async def audit(self, request: web.Request) -> web.Response:
         params = query_params(request, AuditParams)
-        records = await self.ctx.store.audit_log(params.count, params.subject)
+        records = await audit_records(self.ctx.redis, self.ctx.keys.audit, params)
         return model_response(AuditResponse(records=records))
 
     async def last_run(self, request: web.Request) -> web.Response:

@@ -233,6 +233,17 @@ class RequestRow(BaseModel):
 
 
 @dataclass(frozen=True, slots=True)
+class ReviewFilter:
+    """Anomalies by review state: only these ids (None: any), none of those, and bounds on
+    when their window ended (open vs resolved)."""
+
+    only_ids: Sequence[str] | None = None
+    except_ids: Sequence[str] = ()
+    ended_after: float | None = None
+    ended_before: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class RequestSearch:
     range: TimeRange
     endpoint: EndpointFilter
@@ -555,9 +566,12 @@ class Queries:
 
     async def anomalies(self, rng: TimeRange, endpoint: EndpointFilter,
                         kind: AnomalyKind | None = None, severity: Severity | None = None,
-                        limit: int = 200) -> list[Anomaly]:
+                        limit: int = 200, offset: int = 0,
+                        review: ReviewFilter | None = None) -> list[Anomaly]:
+        """Newest first, one row per id; `review` narrows by review state before the limit
+        (the reviews live in Redis: their ids arrive as a bound array)."""
         where, filters = endpoint.clauses()
-        params: dict[str, Any] = {**rng.params(), **filters, "limit": limit}
+        params: dict[str, Any] = {**rng.params(), **filters, "limit": limit, "offset": offset}
         where = [*where, "detected_at >= fromUnixTimestamp64Milli({start_ms:Int64}, 'UTC')",
                  "detected_at < fromUnixTimestamp64Milli({end_ms:Int64}, 'UTC')"]
         if kind is not None:
@@ -566,9 +580,32 @@ class Queries:
         if severity is not None:
             where.append("severity = {severity:String}")
             params["severity"] = severity.value
+        if review is not None:
+            if review.only_ids is not None:
+                where.append("has({only_ids:Array(String)}, id)")
+                params["only_ids"] = list(review.only_ids)
+            if review.except_ids:
+                where.append("NOT has({except_ids:Array(String)}, id)")
+                params["except_ids"] = list(review.except_ids)
+            if review.ended_after is not None:
+                where.append("window_end >= fromUnixTimestamp64Milli({ended_after:Int64}, 'UTC')")
+                params["ended_after"] = int(review.ended_after * 1000)
+            if review.ended_before is not None:
+                where.append("window_end < fromUnixTimestamp64Milli({ended_before:Int64}, 'UTC')")
+                params["ended_before"] = int(review.ended_before * 1000)
         rows = await self.rows(
             f"SELECT {_ANOMALY_COLUMNS} FROM anomalies WHERE {_where(where)} "
-            "ORDER BY detected_at DESC, id LIMIT 1 BY id LIMIT {limit:UInt32}", params)
+            "ORDER BY detected_at DESC, id LIMIT 1 BY id "
+            "LIMIT {limit:UInt32} OFFSET {offset:UInt32}", params)
+        return [anomaly_from_row(row) for row in rows]
+
+    async def anomalies_by_id(self, ids: Sequence[str]) -> list[Anomaly]:
+        """The latest row of each of these anomalies that exists (order not kept)."""
+        if not ids:
+            return []
+        rows = await self.rows(
+            f"SELECT {_ANOMALY_COLUMNS} FROM anomalies WHERE has({{ids:Array(String)}}, id) "
+            "ORDER BY detected_at DESC LIMIT 1 BY id", {"ids": list(ids)})
         return [anomaly_from_row(row) for row in rows]
 
     async def anomaly(self, anomaly_id: str) -> Anomaly | None:

@@ -1,7 +1,8 @@
 """Security review decisions on anomalies (dismissed / actioned), kept in Redis.
 
-Hash `<prefix>:anomaly_reviews`: anomaly id -> AnomalyReview JSON. The anomaly rows themselves
-stay immutable in ClickHouse; the API joins the two when it answers.
+Hash `RedisKeys.anomaly_reviews` (`<prefix>:anomaly_reviews`): anomaly id -> AnomalyReview
+JSON. The anomaly rows themselves stay immutable in ClickHouse; the API joins the two when it
+answers, and turns a status filter into bound id lists for ClickHouse (`outcomes`).
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from enum import StrEnum
 
 import redis.asyncio as aioredis
 from pydantic import BaseModel, ValidationError
+
+from proxy.policy import RedisKeys
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +35,7 @@ class AnomalyReview(BaseModel):
 class ReviewStore:
     def __init__(self, redis: aioredis.Redis, prefix: str) -> None:
         self._redis = redis
-        self.key = f"{prefix}:anomaly_reviews"
+        self.key = RedisKeys(prefix).anomaly_reviews
 
     async def get_many(self, ids: Sequence[str]) -> dict[str, AnomalyReview]:
         if not ids:
@@ -44,6 +47,17 @@ class ReviewStore:
                 continue
             try:
                 found[anomaly_id] = AnomalyReview.model_validate_json(raw)
+            except ValidationError:
+                log.warning("skipping an unreadable anomaly review", extra={"id": anomaly_id})
+        return found
+
+    async def outcomes(self) -> dict[str, ReviewOutcome]:
+        """Every reviewed anomaly id and its outcome (to filter anomalies by status)."""
+        found: dict[str, ReviewOutcome] = {}
+        for key, raw in (await self._redis.hgetall(self.key)).items():
+            anomaly_id = key.decode() if isinstance(key, bytes) else str(key)
+            try:
+                found[anomaly_id] = AnomalyReview.model_validate_json(raw).outcome
             except ValidationError:
                 log.warning("skipping an unreadable anomaly review", extra={"id": anomaly_id})
         return found

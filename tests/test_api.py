@@ -786,6 +786,44 @@ async def test_anomaly_status_and_dismissal(live: Live) -> None:
     assert status == 404
 
 
+async def test_anomaly_status_filters_before_the_limit_and_pages(live: Live, ch: SharedClient,
+                                                                   now: float) -> None:
+    """12 more anomalies, newest first: the 6 newest dismissed, then 4 open, then 2 whose
+    window ended long ago (resolved). Pages of open ones must not be eaten by dismissed ones."""
+    end = int(now // 60) * 60 - 60
+    made = []
+    for i in range(12):
+        ended = end if i < 10 else end - 7200
+        made.append(Anomaly.model_validate({
+            **seed_anomaly(now).model_dump(), "id": f"anom-page-{i:02d}",
+            "detected_at": now - 1 - i, "window_end": ended, "window_start": ended - 60,
+            "kind": "enumeration" if i % 2 else "error_spike"}))
+        insert_anomaly(ch, made[-1])
+    for anomaly in made[:6]:
+        await live.ok("POST", f"/api/v1/anomalies/{anomaly.id}/dismiss",
+                      json={"reason": "paging test"})
+
+    async def ids(query: str) -> tuple[list[str], int | None]:
+        body = await live.ok("GET", f"/api/v1/anomalies?minutes=60&{query}")
+        return [a["id"] for a in body["anomalies"]], body["next_offset"]
+
+    assert await ids("status=open&limit=2") == (["anom-page-06", "anom-page-07"], 2)
+    assert await ids("status=open&limit=2&offset=2") == (["anom-page-08", "anom-page-09"], 4)
+    # the seeded anomaly (detected 30 s ago) is open too: the last, short page
+    assert await ids("status=open&limit=2&offset=4") == ([ANOMALY_ID], None)
+    assert await ids("status=open&kind=enumeration&limit=5") == (
+        ["anom-page-07", "anom-page-09"], None)
+    assert await ids("status=resolved") == (["anom-page-10", "anom-page-11"], None)
+    dismissed, _ = await ids("status=dismissed&limit=100")
+    assert dismissed == [a.id for a in made[:6]]
+    assert await ids("status=actioned") == ([], None)
+    assert await ids("status=dismissed&severity=low") == ([], None)
+    everything, next_offset = await ids("limit=13")
+    assert (len(everything), next_offset) == (13, 13)
+    status, problem, _ = await live.call("GET", "/api/v1/anomalies?offset=-1")
+    assert (status, "offset" in problem["detail"]) == (400, True)
+
+
 async def test_targeted_limit_expires_and_actions_the_anomaly(live: Live) -> None:
     impact = await live.ok("GET", "/api/v1/policies/targeted/impact?route_id=orders&method=GET"
                                   "&client=client-b&limit=3&window_s=60&minutes=60")
@@ -825,6 +863,84 @@ async def test_targeted_limit_expires_and_actions_the_anomaly(live: Live) -> Non
     status, _, _ = await live.call("POST", "/api/v1/policies/targeted",
                                    json={**body, "anomaly_id": "missing"})
     assert status == 404
+    status, problem, _ = await live.call("POST", "/api/v1/policies/targeted",
+                                         json={**body, "anomaly_ids": [ANOMALY_ID, "gone"]})
+    assert (status, problem["detail"]) == (404, "no anomaly 'gone'")
+    status, _, _ = await live.call("POST", "/api/v1/policies/targeted",
+                                   json={**body, "anomaly_ids": ["a"] * 501})
+    assert status == 400
+
+
+async def test_audit_log_filters_by_actor_action_subject_and_time(live: Live) -> None:
+    await live.ok("PUT", "/api/v1/analytics/kill-switch", json={"engaged": True, "reason": "a"})
+    await asyncio.sleep(0.01)
+    middle = time.time()
+    await asyncio.sleep(0.01)
+    await live.ok("PUT", "/api/v1/analytics/kill-switch", json={"engaged": False, "reason": "b"})
+    await live.ok("POST", f"/api/v1/anomalies/{ANOMALY_ID}/dismiss", json={"reason": "c"})
+
+    async def shown(**query: Any) -> list[tuple[str, str, str]]:
+        body = await live.ok("GET", "/api/v1/audit", params=query)
+        return [(r["actor"], r["action"], r["reason"]) for r in body["records"]]
+
+    everything = await shown()
+    assert everything == [("anonymous", "anomaly.dismissed", "c"),
+                          ("anonymous", "analytics.kill_switch", "b"),
+                          ("anonymous", "analytics.kill_switch", "a"),
+                          ("config", "policy.create", "baseline")]
+    assert await shown(actor="config") == [everything[3]]
+    assert await shown(actor="anon") == []  # exact unless it ends with *
+    assert await shown(actor="anon*", action="analytics.*") == everything[1:3]
+    assert await shown(subject="anomaly:*") == [everything[0]]
+    assert await shown(subject=f"anomaly:{ANOMALY_ID}") == [everything[0]]
+    assert await shown(**{"from": str(middle)}) == everything[:2]
+    assert await shown(to=str(middle), action="analytics.kill_switch") == [everything[2]]
+    assert await shown(count="1", actor="anonymous") == [everything[0]]
+    for query, fragment in (({"action": "po*licy"}, "* is allowed only at the end"),
+                            ({"from": "100", "to": "50"}, "from must be before to"),
+                            ({"actor": "x" * 201}, "actor"), ({"who": "me"}, "who")):
+        status, problem, _ = await live.call("GET", "/api/v1/audit", params=query)
+        assert status == 400, (query, problem)
+        assert fragment in problem["detail"], (query, problem)
+
+
+async def test_policy_rollback_marks_its_recommendation_rolled_back(live: Live) -> None:
+    rec = seed_recommendation(time.time())
+    await live.store.put(rec.policy.model_copy(update={"limit": 30}), actor="test",
+                         reason="before the recommendation")
+    await _applied(live)  # the recommendation's policy is version 2 now
+    await live.store.put(rec.policy.model_copy(update={"limit": 11}), actor="test",
+                         reason="hand-tuned after it")  # version 3
+    url = f"/api/v1/policies/{rec.policy.id}/rollback"
+    await live.ok("POST", url, json={"reason": "back to the applied one", "to_version": 2})
+    after = await live.ok("GET", f"/api/v1/recommendations/{REC_ID}")
+    assert after["status"] == "applied"  # version 2, its own, is in force again
+
+    started = time.time()
+    restored = await live.ok("POST", url, json={"reason": "it hurt checkout", "to_version": 1})
+    assert (restored["version"], restored["limit"]) == (5, 30)
+    after = await live.ok("GET", f"/api/v1/recommendations/{REC_ID}")
+    assert (after["status"], after["status_by"]) == ("rolled_back", "anonymous")
+    assert after["status_reason"] == (f"policy {rec.policy.id} rolled back to version 1: "
+                                      "it hurt checkout")
+    assert after["updated_at"] >= started
+    [listed] = (await live.ok("GET", "/api/v1/recommendations?status=rolled_back")
+                )["recommendations"]
+    assert listed["id"] == REC_ID
+    [record] = await _audit(live, f"recommendation:{REC_ID}")
+    assert (record["action"], record["reason"]) == ("recommendation.rolled_back",
+                                                    "it hurt checkout")
+    assert (record["before"]["status"], record["after"]["status"]) == ("applied",
+                                                                       "rolled_back")
+
+
+async def test_deleting_an_applied_policy_rolls_its_recommendation_back(live: Live) -> None:
+    await _applied(live)
+    policy_id = seed_recommendation(time.time()).policy.id
+    await live.ok("DELETE", f"/api/v1/policies/{policy_id}", json={"reason": "not needed"})
+    after = await live.ok("GET", f"/api/v1/recommendations/{REC_ID}")
+    assert (after["status"], after["status_reason"]) == (
+        "rolled_back", f"policy {policy_id} deleted: not needed")
 
 
 async def test_policy_diff_between_versions(live: Live) -> None:
