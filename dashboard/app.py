@@ -18,8 +18,7 @@ if __package__ in (None, ""):  # run as a script by streamlit: make the project 
 
 import streamlit as st
 
-from dashboard.client import ApiClient
-from dashboard.common import auto_refresh, sidebar
+from dashboard.common import CachedClient, auto_refresh, sidebar
 
 VIEWS = Path(__file__).resolve().parent / "views"
 PAGES = (("overview.py", "Overview", ":material/monitoring:", "overview"),
@@ -34,7 +33,7 @@ def main() -> None:
     pages = [st.Page(VIEWS / file, title=title, icon=icon, url_path=path,
                      default=path == "overview") for file, title, icon, path in PAGES]
     page = st.navigation(pages)
-    ctx = sidebar(ApiClient.from_env())
+    ctx = sidebar(CachedClient.from_env())
     st.session_state["_context"] = ctx
     auto_refresh(ctx.refresh_s)
     page.run()

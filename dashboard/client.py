@@ -145,9 +145,13 @@ class ApiClient:
             "window_s": window_s})
         return result
 
-    def audit(self, count: int = 100, subject: str | None = None) -> list[dict[str, Any]]:
-        return list(self.call("GET", f"{PREFIX}/audit",
-                              {"count": count, "subject": subject})["records"])
+    def audit(self, count: int = 100, subject: str | None = None, actor: str | None = None,
+              action: str | None = None, since: float | None = None) -> list[dict[str, Any]]:
+        """Newest first; subject, actor and action match exactly or, ending in *, as a prefix;
+        `since` (epoch seconds) keeps the records written from then on."""
+        return list(self.call("GET", f"{PREFIX}/audit", {
+            "count": count, "subject": subject, "actor": actor, "action": action,
+            "from": since})["records"])
 
     def kill_switch(self) -> bool:
         return bool(self.call("GET", f"{PREFIX}/analytics/kill-switch")["engaged"])

@@ -7,8 +7,11 @@ deep link to what is on screen (`?endpoint=...&minutes=60&tz=Europe/Paris`).
 
 from __future__ import annotations
 
+import gc
+import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Final
@@ -16,8 +19,16 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
 
 import pandas as pd
 import streamlit as st
+from streamlit.runtime.scriptrunner import add_script_run_ctx, get_script_run_ctx
 
-from dashboard.client import ApiClient, ApiError, ApiUnavailable
+from dashboard.client import PREFIX, ApiClient, ApiError, ApiUnavailable
+
+# Streamlit runs a full gc.collect(2) after every script run, holding the GIL while the run's
+# last messages wait to be sent (~100-200 ms on the heap of pandas, pyarrow and streamlit).
+# That heap lives as long as the process: move it out of the collector's reach once, at the
+# first run's import of this module (as proxy/app.py's tune_gc does for a worker).
+gc.collect()
+gc.freeze()
 
 RANGES: Final = {"15 min": 15, "1 hour": 60, "6 hours": 360, "24 hours": 1440,
                  "7 days": 10_080, "31 days": 44_640}
@@ -28,6 +39,51 @@ HEALTH_ICON: Final = {"critical": "● critical", "degraded": "◐ degraded", "o
 SECURITY_KINDS: Final = ("auth_failure_burst", "enumeration", "client_dominance",
                          "undeclared_endpoint")
 _ZONES: Final = sorted(available_timezones() | {"UTC"})
+# How long an API read is reused: below the shortest auto-refresh interval, long enough that a
+# reload, a widget change (a rerun of the whole page) or a second viewer does not query again.
+READ_TTL_S: Final = 5.0
+_READ_CACHE_ENTRIES: Final = 512
+
+
+@st.cache_data(ttl=READ_TTL_S, max_entries=_READ_CACHE_ENTRIES, show_spinner=False)
+def _cached_read(base_url: str, token: str | None, timeout_s: float, path: str,
+                 query: tuple[tuple[str, str], ...]) -> Any:
+    return ApiClient(base_url, token, timeout_s).call("GET", path, dict(query))
+
+
+@dataclass(frozen=True, slots=True)
+class CachedClient(ApiClient):
+    """The API client the pages use: reads under /api/v1 come from a process-wide cache for
+    READ_TTL_S (keyed by URL, token and parameters; failures are never cached); actions go
+    straight to the API, and `run_action` empties the cache after each one."""
+
+    def call(self, method: str, path: str, params: dict[str, Any] | None = None,
+             body: dict[str, Any] | None = None) -> Any:
+        if method != "GET" or body is not None or not path.startswith(PREFIX):
+            return ApiClient.call(self, method, path, params, body)
+        query = tuple(sorted((k, str(v)) for k, v in (params or {}).items() if v is not None))
+        return _cached_read(self.base_url, self.token, self.timeout_s, path, query)
+
+    def with_token(self, token: str | None) -> CachedClient:
+        return CachedClient(self.base_url, token or self.token, self.timeout_s)
+
+
+def fetch_all(reads: dict[str, Callable[[], Any]]) -> dict[str, Any]:
+    """Make a page's independent API reads at once instead of one after the other (the API
+    answers them in parallel); a failure is raised once all are done, as a single read's."""
+    run = get_script_run_ctx()
+
+    def attach() -> None:  # lets the threads use the session's cache like the script does
+        add_script_run_ctx(threading.current_thread(), run)
+
+    with ThreadPoolExecutor(max_workers=len(reads) or 1, initializer=attach) as pool:
+        futures = {name: pool.submit(read) for name, read in reads.items()}
+        return {name: future.result() for name, future in futures.items()}
+
+
+def forget_reads() -> None:
+    """Drop every cached read (after a change, so the next run shows its effect)."""
+    _cached_read.clear()
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +120,25 @@ def endpoint_key(item: dict[str, Any]) -> str:
 def split_key(key: str) -> tuple[str, str, str]:
     route_id, method, template = [*key.split(" ", 2), "", ""][:3]
     return route_id, method, template
+
+
+def group_incidents(anomalies: list[dict[str, Any]]
+                    ) -> list[tuple[dict[str, Any], list[dict[str, Any]]]]:
+    """Anomalies grouped into incidents by endpoint and kind (the analytics job flags each
+    analysed window on its own), worst first: (its most severe anomaly, its anomalies by
+    window start). The Overview's open incidents and the Security review's queue."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for anomaly in anomalies:
+        groups.setdefault((endpoint_key(anomaly["endpoint"]), anomaly["kind"]), []).append(
+            anomaly)
+
+    def worst(anomaly: dict[str, Any]) -> tuple[int, float, float]:
+        return SEVERITY_ORDER.get(anomaly["severity"], 9), -anomaly["score"], anomaly[
+            "window_start"]
+
+    ranked = [(min(group, key=worst), sorted(group, key=lambda a: a["window_start"]))
+              for group in groups.values()]
+    return sorted(ranked, key=lambda pair: worst(pair[0])[:2])
 
 
 def zone(name: str) -> ZoneInfo:
@@ -186,6 +261,8 @@ def run_action(action: Callable[[], Any], done: str) -> None:
     except ApiUnavailable as error:
         st.error(f"The control-plane API stopped answering: {error}")
         return
+    finally:
+        forget_reads()  # even a refused action may have changed something before failing
     st.toast(done)
     st.rerun()
 

@@ -175,6 +175,43 @@ def test_security_review_limits_one_client_and_dismisses_another(
                                                                                   "pen test")
 
 
+def ongoing_enumeration(now: float) -> list[Anomaly]:
+    """security_anomalies plus two earlier windows of the same enumeration incident."""
+    first, *others = security_anomalies(now)
+    earlier = [Anomaly.model_validate({
+        **first.model_dump(), "id": f"{ENUM_ID}-{n}", "window_start": first.window_start - 60 * n,
+        "window_end": first.window_end - 60 * n, "detected_at": first.detected_at - 60 * n,
+        "severity": "medium", "observed": 3.0, "top_clients": ["client-c"]}) for n in (1, 2)]
+    return [first, *earlier, *others]
+
+
+def test_security_review_groups_an_incident_and_acts_on_every_window(
+        redis_url: str, chdb_dsn: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with served_api(redis_url, chdb_dsn, tmp_path, anomalies=ongoing_enumeration) as url:
+        app = open_page(url, monkeypatch, "security", minutes="60")
+        assert metrics(app)["To review"] == "2"  # 3 enumeration windows + 1 auth burst
+        labels = [e.label for e in app.expander]
+        assert labels[0].startswith("[high] enumeration · users GET /users/{id} · client-a, "
+                                    "client-c · "), labels
+        assert labels[0].endswith(" · 3 windows")
+        summary = next(c.value for c in app.caption if "3 windows" in c.value)
+        assert "peak severity high" in summary
+        # the evidence is the latest window's: observed 4 (the earlier ones saw 3)
+        assert metrics(app)["distinct_paths"] == "4"
+        key = f"{ENUM_ID}-2"  # the incident's first window keys its widgets
+        assert [b.label for b in app.button if b.key == f"dismiss-{key}"] == [
+            "Dismiss all 3 windows"]
+
+        app.text_input(key=f"limit-reason-{key}").input("walks user ids").run()
+        app.button(key=f"limit-{key}").click().run()
+        assert not app.exception
+        for anomaly_id in (ENUM_ID, f"{ENUM_ID}-1", f"{ENUM_ID}-2"):
+            view = api(url, "GET", f"/api/v1/anomalies/{anomaly_id}")
+            assert (view["status"], view["review_reason"]) == ("actioned", "walks user ids")
+        assert metrics(app)["To review"] == "1"
+        assert metrics(app)["Reviewed"] == "3"
+
+
 def test_policies_page_approves_diffs_and_rolls_back(
         api_url: str, redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     api(api_url, "PUT", "/api/v1/policies/default-per-client",
@@ -211,6 +248,28 @@ def test_policies_page_approves_diffs_and_rolls_back(
     assert any("[approved]" in expander.label for expander in app.expander)
 
 
+def test_a_policy_rollback_shows_its_recommendation_rolled_back(
+        api_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    policy_id = "analytics:orders:GET"  # the seeded recommendation's policy
+    api(api_url, "PUT", f"/api/v1/policies/{policy_id}",
+        {"route_id": "orders", "method": "GET", "limit": 30, "window_s": 60, "reason": "v1"})
+    api(api_url, "POST", f"/api/v1/recommendations/{REC_ID}/apply", {"reason": "go"})
+    app = open_page(api_url, monkeypatch, "policies", minutes="60", policy=policy_id)
+    assert any(e.label.startswith("[applied]") for e in app.expander)
+    app.text_input(key="rollback-reason").input("hurt checkout").run()
+    app.button(key="rollback").click().run()
+    assert not app.exception
+    assert api(api_url, "GET", f"/api/v1/policies/{policy_id}")["limit"] == 30
+    [expander] = [e for e in app.expander if e.label.startswith("[rolled_back]")]
+    assert any("rolled_back " in c.value and "hurt checkout" in c.value
+               for c in expander.caption), [c.value for c in expander.caption]
+
+    app.switch_page("views/security.py").run()
+    [note] = [i.value for i in app.info if "Limit rolled back" in i.value]
+    assert "hurt checkout" in note
+    assert policy_id in note
+
+
 def test_audit_page_lists_changes(api_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     api(api_url, "POST", f"/api/v1/anomalies/{ENUM_ID}/dismiss", {"reason": "crawler"})
     app = open_page(api_url, monkeypatch, "audit")
@@ -218,6 +277,29 @@ def test_audit_page_lists_changes(api_url: str, monkeypatch: pytest.MonkeyPatch)
     assert records.iloc[0]["action"] == "anomaly.dismissed"
     assert records.iloc[0]["reason"] == "crawler"
     assert "default-per-client" in set(records["subject"])
+
+
+def test_audit_page_filters_from_a_deep_link_and_its_widgets(
+        api_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    api(api_url, "POST", f"/api/v1/anomalies/{ENUM_ID}/dismiss", {"reason": "crawler"})
+    api(api_url, "PUT", "/api/v1/analytics/kill-switch", {"engaged": True, "reason": "drill"})
+    app = open_page(api_url, monkeypatch, "audit", actor="anonymous", action="anomaly.*",
+                    within="60")
+    records = frame_with(app, "actor")
+    assert list(zip(records["action"], records["reason"], strict=True)) == [
+        ("anomaly.dismissed", "crawler")]
+    assert next(box for box in app.selectbox if box.label == "Period").value == "last hour"
+
+    app.text_input(key="audit-action").set_value("").run()
+    app.text_input(key="audit-actor").set_value("config").run()
+    records = frame_with(app, "actor")
+    assert list(records["action"]) == ["policy.create"]
+    assert set(records["subject"]) == {"default-per-client"}
+    assert app.query_params["actor"] == "config"
+    assert "action" not in app.query_params
+
+    app.text_input(key="audit-subject").set_value("nothing-like-this").run()
+    assert [i.value for i in app.info] == ["No audit records match."]
 
 
 def test_api_down_shows_a_banner_on_every_page(monkeypatch: pytest.MonkeyPatch) -> None:

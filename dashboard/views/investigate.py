@@ -7,6 +7,7 @@ Arrive by picking an endpoint, by a deep link `?endpoint=<key>`, or from an anom
 from __future__ import annotations
 
 import time
+from functools import partial
 from typing import Any
 
 import pandas as pd
@@ -18,6 +19,7 @@ from dashboard.common import (
     Span,
     current,
     endpoint_key,
+    fetch_all,
     guarded,
     param,
     split_key,
@@ -114,11 +116,26 @@ def render(ctx: Context) -> None:
     elif "compare" in st.query_params:
         del st.query_params["compare"]
     params = span.params()
-    series = ctx.client.timeseries(params, route_id, method, template, compare=compare)
+    during, during_label = params, "this range vs the same length before it"
+    if anomaly is not None:  # during = since the anomaly began; before = as long before that
+        during = {"from": round(anomaly["window_start"], 3), "to": params["to"]}
+        during_label = (f"since {when(anomaly['window_start'], ctx.tz)[11:19]} (the anomaly) "
+                        "vs the same length before it")
+    client, endpoint = ctx.client, (route_id, method, template)
+    reads = fetch_all({
+        "series": partial(client.timeseries, params, *endpoint, compare=compare),
+        "flagged": partial(client.anomalies, params, **where),
+        **{code: partial(client.timeseries, params, *endpoint, compare=code)
+           for code in ("1d", "1w") if code != compare},
+        "status": partial(client.breakdown, during, *endpoint, "status"),
+        "clients": partial(client.top_clients, during, *endpoint),
+        "error_type": partial(client.breakdown, during, *endpoint, "error_type"),
+        "ips": partial(client.breakdown, during, *endpoint, "client_address")})
+    series = reads["series"]
     st.caption(f"`{key}` · {span.label(ctx.tz)} · resolution {series['step_s']} s · "
                "shaded: anomaly windows · grey band: rolling baseline")
     data = pd.DataFrame(series["points"])
-    flagged = ctx.client.anomalies(params, **where)
+    flagged = reads["flagged"]
     windows = pd.DataFrame([{"start": a["window_start"], "end": a["window_end"],
                              "kind": a["kind"], "severity": a["severity"],
                              "summary": a["summary"]} for a in flagged])
@@ -135,7 +152,7 @@ def render(ctx: Context) -> None:
                   ("p95_ms", "p95 latency ms", False), ("rate_limited", "429s / bucket", False))
         grid = st.columns(2)
         for i, (column, title, percent) in enumerate(charts):
-            grid[i % 2].altair_chart(series_chart(
+            grid[i % 2].vega_lite_chart(spec=series_chart(
                 data, column, title, windows, earlier if compare else None, label, percent),
                 width="stretch")
 
@@ -143,37 +160,27 @@ def render(ctx: Context) -> None:
     now_totals = totals(series["points"])
     rows = {"this window": now_totals}
     for name, code in (("a day earlier", "1d"), ("a week earlier", "1w")):
-        other = series if compare == code else ctx.client.timeseries(
-            params, route_id, method, template, compare=code)
-        rows[name] = totals(other["compare_points"])
+        rows[name] = totals((series if compare == code else reads[code])["compare_points"])
     st.dataframe(pd.DataFrame(rows).T, column_config={
         "5xx rate": st.column_config.NumberColumn(format="percent")})
 
-    during, during_label = params, "this range vs the same length before it"
-    if anomaly is not None:  # during = since the anomaly began; before = as long before that
-        during = {"from": round(anomaly["window_start"], 3), "to": params["to"]}
-        during_label = (f"since {when(anomaly['window_start'], ctx.tz)[11:19]} (the anomaly) "
-                        "vs the same length before it")
     st.subheader("Who and what")
     st.caption(f"Shares {during_label}; a client absent before shows 0% before.")
     left, right = st.columns(2)
     with left:
         st.markdown("**Status codes**")
-        st.dataframe(share_table(ctx.client.breakdown(during, route_id, method, template,
-                                                      "status"), "status"),
-                     hide_index=True, column_config=SHARE_COLUMNS)
+        st.dataframe(share_table(reads["status"], "status"), hide_index=True,
+                     column_config=SHARE_COLUMNS)
         st.markdown("**Top clients**")
-        st.dataframe(share_table(ctx.client.top_clients(during, route_id, method, template),
-                                 "client"), hide_index=True, column_config=SHARE_COLUMNS)
+        st.dataframe(share_table(reads["clients"], "client"), hide_index=True,
+                     column_config=SHARE_COLUMNS)
     with right:
         st.markdown("**Error classes**")
-        st.dataframe(share_table(ctx.client.breakdown(during, route_id, method, template,
-                                                      "error_type"), "error class"),
-                     hide_index=True, column_config=SHARE_COLUMNS)
+        st.dataframe(share_table(reads["error_type"], "error class"), hide_index=True,
+                     column_config=SHARE_COLUMNS)
         st.markdown("**Top IPs**")
-        st.dataframe(share_table(ctx.client.breakdown(during, route_id, method, template,
-                                                      "client_address"), "ip"),
-                     hide_index=True, column_config=SHARE_COLUMNS)
+        st.dataframe(share_table(reads["ips"], "ip"), hide_index=True,
+                     column_config=SHARE_COLUMNS)
 
     st.subheader("Example requests")
     cols = st.columns([1, 2, 2, 1])

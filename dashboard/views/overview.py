@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import pandas as pd
@@ -9,10 +10,11 @@ import streamlit as st
 
 from dashboard.common import (
     HEALTH_ICON,
-    SEVERITY_ORDER,
     Context,
     current,
     endpoint_key,
+    fetch_all,
+    group_incidents,
     guarded,
     link,
     when,
@@ -25,29 +27,13 @@ def rank(endpoints: list[dict[str, Any]]) -> list[dict[str, Any]]:
                                             -e["error_rate"], -(e["p95_ms"] or 0.0)))
 
 
-def group_incidents(anomalies: list[dict[str, Any]]
-                    ) -> list[tuple[dict[str, Any], list[dict[str, Any]]]]:
-    """Open anomalies grouped by endpoint and kind (the analytics job flags each minute on
-    its own), worst group first; each group's first element is its most severe anomaly."""
-    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    for anomaly in anomalies:
-        groups.setdefault((endpoint_key(anomaly["endpoint"]), anomaly["kind"]), []).append(
-            anomaly)
-
-    def worst(anomaly: dict[str, Any]) -> tuple[int, float, float]:
-        return SEVERITY_ORDER.get(anomaly["severity"], 9), -anomaly["score"], anomaly[
-            "window_start"]
-
-    ranked = [(min(group, key=worst), sorted(group, key=lambda a: a["window_start"]))
-              for group in groups.values()]
-    return sorted(ranked, key=lambda pair: worst(pair[0])[:2])
-
-
 def render(ctx: Context) -> None:
     st.title("Overview")
     span = ctx.span.params()
-    endpoints = rank(ctx.client.endpoints(span, sparkline=True))  # one call, sparklines too
-    incidents = group_incidents(ctx.client.anomalies(span, status="open"))
+    reads = fetch_all({"endpoints": partial(ctx.client.endpoints, span, sparkline=True),
+                       "open": partial(ctx.client.anomalies, span, status="open")})
+    endpoints = rank(reads["endpoints"])  # one call, sparklines too
+    incidents = group_incidents(reads["open"])
     total = sum(row["requests"] for row in endpoints)
     errors = sum(row["errors_5xx"] for row in endpoints)
     cols = st.columns(5)

@@ -10,7 +10,16 @@ import pandas as pd
 import streamlit as st
 
 from dashboard.client import ApiClient
-from dashboard.common import Context, current, endpoint_key, guarded, param, run_action, when
+from dashboard.common import (
+    Context,
+    current,
+    endpoint_key,
+    fetch_all,
+    guarded,
+    param,
+    run_action,
+    when,
+)
 
 ACTIONS: Final = {"pending": ("approve", "apply", "dismiss"), "approved": ("apply", "dismiss"),
                   "applied": ("rollback",)}
@@ -31,9 +40,7 @@ def limit_text(policy: dict[str, Any]) -> str:
     return f"{policy['limit']} / {policy['window_s']:g} s by {policy['key_by']}"
 
 
-def controls(ctx: Context) -> None:
-    engaged = ctx.client.kill_switch()
-    modes = ctx.client.auto_modes()
+def controls(ctx: Context, engaged: bool, modes: dict[str, str]) -> None:
     left, right = st.columns(2)
     with left:
         st.markdown("**Kill switch** - stops every automatic change")
@@ -62,9 +69,8 @@ def controls(ctx: Context) -> None:
                        "auto mode changed")
 
 
-def active_vs_recommended(ctx: Context, views: list[dict[str, Any]],
-                          recs: list[dict[str, Any]]) -> None:
-    endpoints = ctx.client.endpoints(ctx.span.params())
+def active_vs_recommended(views: list[dict[str, Any]], recs: list[dict[str, Any]],
+                          endpoints: list[dict[str, Any]]) -> None:
     effective = [v["policy"] for v in views if v["active"]]
     rows = []
     for endpoint in endpoints:
@@ -108,7 +114,8 @@ def recommendations(client: ApiClient, recs: list[dict[str, Any]], ctx: Context)
             cols[3].metric("Other requests limited", impact.get("other_requests_limited", 0))
             st.caption(f"flagged clients: {', '.join(rec['flagged_clients']) or '-'} · "
                        f"anomalies: {', '.join(rec['anomaly_ids'])} · created "
-                       f"{when(rec['created_at'], ctx.tz)} · {rec['status_by']}: "
+                       f"{when(rec['created_at'], ctx.tz)} · {rec['status']} "
+                       f"{when(rec['updated_at'], ctx.tz)} by {rec['status_by']}: "
                        f"{rec['status_reason'] or '-'}")
             actions = ACTIONS.get(rec["status"], ())
             if not actions:
@@ -165,12 +172,15 @@ def history(ctx: Context, views: list[dict[str, Any]]) -> None:
 
 def render(ctx: Context) -> None:
     st.title("Policies")
-    controls(ctx)
-    data = ctx.client.policies()
+    client = ctx.client
+    reads = fetch_all({"engaged": client.kill_switch, "modes": client.auto_modes,
+                       "policies": client.policies, "recs": client.recommendations,
+                       "endpoints": partial(client.endpoints, ctx.span.params())})
+    controls(ctx, reads["engaged"], reads["modes"])
+    data, recs = reads["policies"], reads["recs"]
     views = data["policies"]
-    recs = ctx.client.recommendations()
     st.subheader("Active vs recommended per endpoint")
-    active_vs_recommended(ctx, views, recs)
+    active_vs_recommended(views, recs, reads["endpoints"])
     st.subheader("Recommendations")
     recommendations(ctx.client, recs, ctx)
     st.subheader(f"Policies (store version {data['version']})")

@@ -1,8 +1,10 @@
 """Security review: flagged endpoints and clients, with evidence, and what to do about them.
 
-The queue holds unreviewed anomalies of the security kinds. For each: approve the analytics
-recommendation (its simulated impact shown first), dismiss with a reason, or set a targeted
-limit for one client with an expiry (its simulated impact on that client shown first).
+The queue holds unreviewed anomalies of the security kinds, one row per incident (endpoint and
+kind, however many analysed windows it lasted; the Overview's grouping). For each: approve the
+analytics recommendation (its simulated impact shown first), dismiss every window with a
+reason, or set a targeted limit for one client with an expiry (its simulated impact on that
+client shown first), which marks every window actioned.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from dashboard.common import (
     Context,
     current,
     endpoint_key,
+    fetch_all,
+    group_incidents,
     guarded,
     run_action,
     when,
@@ -30,11 +34,24 @@ EXPIRY = {"15 min": 900, "1 hour": 3600, "6 hours": 21_600, "24 hours": 86_400,
 WINDOWS = {"1 s": 1, "10 s": 10, "1 min": 60, "1 hour": 3600}
 
 
-def queue(anomalies: list[dict[str, Any]]) -> list[dict[str, Any]]:
+Incident = tuple[dict[str, Any], list[dict[str, Any]]]  # (most severe, windows by start)
+
+
+def queue(anomalies: list[dict[str, Any]]) -> list[Incident]:
+    """Unreviewed security anomalies as incidents (one per endpoint and kind, however many
+    windows it lasted, as on the Overview): open ones first, then the worst."""
     flagged = [a for a in anomalies if a["kind"] in SECURITY_KINDS
                and a["status"] in ("open", "resolved")]
-    return sorted(flagged, key=lambda a: (a["status"] != "open",
-                                          SEVERITY_ORDER.get(a["severity"], 9), -a["score"]))
+    return sorted(group_incidents(flagged),
+                  key=lambda incident: all(a["status"] != "open" for a in incident[1]))
+
+
+def incident_summary(windows: list[dict[str, Any]], ctx: Context) -> None:
+    worst = min(windows, key=lambda a: SEVERITY_ORDER.get(a["severity"], 9))
+    st.caption(f"**{len(windows)} window{'s' if len(windows) > 1 else ''}** · first seen "
+               f"{when(windows[0]['window_start'], ctx.tz)} · last seen "
+               f"{when(windows[-1]['window_end'], ctx.tz)} · peak severity "
+               f"{worst['severity']} · evidence below: the latest window")
 
 
 def evidence(anomaly: dict[str, Any], ctx: Context) -> None:
@@ -67,12 +84,13 @@ def recommendation(rec: dict[str, Any], client: ApiClient) -> None:
         run_action(partial(client.act, rec["id"], "approve", reason), "recommendation approved")
 
 
-def related(anomaly: dict[str, Any], recs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Recommendations made for this anomaly, or for the same endpoint and one of its top
-    clients (analytics links a recommendation to the window that triggered it, while the
-    queue holds every later window of the same incident too)."""
-    key, clients = endpoint_key(anomaly["endpoint"]), set(anomaly["top_clients"])
-    return [rec for rec in recs if anomaly["id"] in rec["anomaly_ids"] or (
+def related(windows: list[dict[str, Any]], recs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Recommendations made for one of the incident's windows, or for its endpoint and one
+    of its top clients (analytics links a recommendation to the window that triggered it)."""
+    ids = {a["id"] for a in windows}
+    key = endpoint_key(windows[0]["endpoint"])
+    clients = {c for a in windows for c in a["top_clients"]}
+    return [rec for rec in recs if ids & set(rec["anomaly_ids"]) or (
         endpoint_key(rec["endpoint"]) == key
         and clients & {*rec["flagged_clients"], rec.get("target_client") or ""})]
 
@@ -89,33 +107,46 @@ def handled(rec: dict[str, Any], ctx: Context) -> None:
                  icon=":material/tune:", query_params={"policy": policy["id"]})
 
 
-def dismiss(anomaly: dict[str, Any], recs: list[dict[str, Any]], client: ApiClient) -> None:
-    reason = st.text_input("Reason to dismiss", key=f"dismiss-reason-{anomaly['id']}")
-    if st.button("Dismiss", key=f"dismiss-{anomaly['id']}", disabled=not reason.strip()):
-        def both() -> None:
-            client.dismiss_anomaly(anomaly["id"], reason)
+def rolled_back(rec: dict[str, Any], ctx: Context) -> None:
+    policy = rec["policy"]
+    st.info(f"**Limit rolled back:** {policy['limit']} per {policy['window_s']:g} s "
+            f"(policy `{policy['id']}`) by {rec['status_by']} at "
+            f"{when(rec.get('updated_at'), ctx.tz)}: {rec['status_reason'] or '-'}",
+            icon=":material/undo:")
+
+
+def dismiss(windows: list[dict[str, Any]], recs: list[dict[str, Any]], client: ApiClient,
+            key: str) -> None:
+    """Dismiss every window of the incident (each audited), and its pending recommendations."""
+    reason = st.text_input("Reason to dismiss", key=f"dismiss-reason-{key}")
+    label = "Dismiss" if len(windows) == 1 else f"Dismiss all {len(windows)} windows"
+    if st.button(label, key=f"dismiss-{key}", disabled=not reason.strip()):
+        def every() -> None:
+            for anomaly in windows:
+                client.dismiss_anomaly(anomaly["id"], reason)
             for rec in recs:
                 if rec["status"] in ("pending", "approved"):
                     client.act(rec["id"], "dismiss", reason)
 
-        run_action(both, "dismissed")
+        run_action(every, "dismissed")
 
 
-def targeted(anomaly: dict[str, Any], ctx: Context) -> None:
-    endpoint = anomaly["endpoint"]
-    candidates = anomaly["top_clients"] or [row["client"] for row in ctx.client.top_clients(
+def targeted(windows: list[dict[str, Any]], ctx: Context, key: str) -> None:
+    latest = windows[-1]
+    endpoint = latest["endpoint"]
+    named = list(dict.fromkeys(c for a in reversed(windows) for c in a["top_clients"]))
+    candidates = named or [row["client"] for row in ctx.client.top_clients(
         ctx.span.params(), endpoint["route_id"], endpoint["method"], endpoint["http_route"], 5,
         compare=None)]
     if not candidates:
         st.caption("No client to limit.")
         return
-    aid = anomaly["id"]
     cols = st.columns(4)
-    who = cols[0].selectbox("Client", candidates, key=f"limit-client-{aid}")
+    who = cols[0].selectbox("Client", candidates, key=f"limit-client-{key}")
     limit = int(cols[1].number_input("Limit", min_value=1, max_value=10_000_000, value=10,
-                                     key=f"limit-n-{aid}"))
-    window = cols[2].selectbox("per", list(WINDOWS), index=2, key=f"limit-window-{aid}")
-    expiry = cols[3].selectbox("expires in", list(EXPIRY), index=1, key=f"limit-exp-{aid}")
+                                     key=f"limit-n-{key}"))
+    window = cols[2].selectbox("per", list(WINDOWS), index=2, key=f"limit-window-{key}")
+    expiry = cols[3].selectbox("expires in", list(EXPIRY), index=1, key=f"limit-exp-{key}")
     impact = ctx.client.targeted_impact(ctx.span.params(), endpoint["route_id"],
                                         endpoint["method"], who, limit, WINDOWS[window])
     st.info(f"Simulated on {who}'s recorded traffic ({ctx.span.label(ctx.tz)}): "
@@ -123,46 +154,59 @@ def targeted(anomaly: dict[str, Any], ctx: Context) -> None:
             f"({impact['share_limited']:.0%}) would have been limited, in "
             f"{impact['windows_over_limit']} of {impact['windows']} windows.",
             icon=":material/calculate:")
-    reason = st.text_input("Reason for the limit", key=f"limit-reason-{aid}")
-    if st.button(f"Limit {who} to {limit} per {window} for {expiry}", key=f"limit-{aid}",
+    reason = st.text_input("Reason for the limit", key=f"limit-reason-{key}")
+    if st.button(f"Limit {who} to {limit} per {window} for {expiry}", key=f"limit-{key}",
                  disabled=not reason.strip()):
         key_by = "ip" if who.replace(".", "").replace(":", "").isalnum() and any(
             ch in who for ch in ".:") and who[0].isdigit() else "client_id"
         run_action(partial(ctx.client.targeted_limit, route_id=endpoint["route_id"],
                            method=endpoint["method"], client=who, key_by=key_by, limit=limit,
                            window_s=WINDOWS[window], expires_in_s=EXPIRY[expiry],
-                           reason=reason, anomaly_id=aid), f"limit set for {who}")
+                           reason=reason, anomaly_id=latest["id"],
+                           anomaly_ids=[a["id"] for a in windows[:-1]]),
+                   f"limit set for {who}")
 
 
 def render(ctx: Context) -> None:
     st.title("Security review")
-    anomalies = ctx.client.anomalies(ctx.span.params(), limit=1000)
+    reads = fetch_all({"anomalies": partial(ctx.client.anomalies, ctx.span.params(), limit=1000),
+                       "recs": ctx.client.recommendations})
+    anomalies, all_recs = reads["anomalies"], reads["recs"]
     todo = queue(anomalies)
-    all_recs = ctx.client.recommendations()
     cols = st.columns(3)
     cols[0].metric("To review", len(todo))
-    cols[1].metric("Open", sum(1 for a in todo if a["status"] == "open"))
+    cols[1].metric("Open", sum(1 for _, windows in todo
+                               if any(a["status"] == "open" for a in windows)))
     cols[2].metric("Reviewed", sum(1 for a in anomalies if a["kind"] in SECURITY_KINDS
                                    and a["status"] in ("dismissed", "actioned")))
-    st.caption(f"Kinds: {', '.join(SECURITY_KINDS)} · {ctx.span.label(ctx.tz)}")
+    st.caption(f"Kinds: {', '.join(SECURITY_KINDS)} · {ctx.span.label(ctx.tz)} · one row per "
+               "incident (endpoint and kind), however many windows it lasted")
     if not todo:
         st.success("Nothing to review.")
-    for i, anomaly in enumerate(todo):
-        recs = related(anomaly, all_recs)
-        title = (f"[{anomaly['severity']}] {anomaly['kind']} · {endpoint_key(anomaly['endpoint'])}"
-                 f" · {', '.join(anomaly['top_clients'][:3]) or 'no client'}"
-                 f" · {when(anomaly['window_start'], ctx.tz)[11:16]}")
+    for i, (worst, windows) in enumerate(todo):
+        latest, key = windows[-1], windows[0]["id"]  # widgets keep their key as it grows
+        recs = related(windows, all_recs)
+        clients = list(dict.fromkeys(c for a in reversed(windows) for c in a["top_clients"]))
+        span = (f"{when(windows[0]['window_start'], ctx.tz)[11:16]} → "
+                f"{when(latest['window_end'], ctx.tz)[11:16]}")
+        title = (f"[{worst['severity']}] {worst['kind']} · {endpoint_key(worst['endpoint'])}"
+                 f" · {', '.join(clients[:3]) or 'no client'} · {span}"
+                 + (f" · {len(windows)} windows" if len(windows) > 1 else ""))
         with st.expander(title, expanded=i == 0):
-            evidence(anomaly, ctx)
+            incident_summary(windows, ctx)
+            evidence(latest, ctx)
             for rec in recs:
                 if rec["status"] in ("pending", "approved"):
                     recommendation(rec, ctx.client)
                 elif rec["status"] == "applied":
                     handled(rec, ctx)
+                elif rec["status"] == "rolled_back":
+                    rolled_back(rec, ctx)
             st.markdown("**Targeted limit for one client**")
-            targeted(anomaly, ctx)
+            targeted(windows, ctx, key)
             st.markdown("**Dismiss**")
-            dismiss(anomaly, [r for r in recs if anomaly["id"] in r["anomaly_ids"]], ctx.client)
+            ids = {a["id"] for a in windows}
+            dismiss(windows, [r for r in recs if ids & set(r["anomaly_ids"])], ctx.client, key)
     reviewed = [a for a in anomalies if a["kind"] in SECURITY_KINDS
                 and a["status"] in ("dismissed", "actioned")]
     if reviewed:
