@@ -2,6 +2,7 @@
 # `make bench`: the gateway benchmark (bench/harness.py), then the pipeline benchmark when
 # bench/pipeline.py exists. Installs wrk and nginx from Debian when run as root and missing.
 # Durations: BENCH_DURATION=5s for a quick run; see bench/README.md for every knob.
+# BENCH_DASHBOARD=1 adds the dashboard benchmarks (API time per page, rendered page load).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -57,5 +58,18 @@ if [[ -f bench/pipeline.py && ${BENCH_PIPELINE:-1} != 0 ]]; then
     child=$!
     wait "$child" || status=$?
     child=0
+fi
+
+# Opt-in (BENCH_DASHBOARD=1, ~8 more minutes): the dashboard's API time per page, then its
+# rendered page load in headless Chromium, both on 10 M events (bench/README.md).
+if [[ ${BENCH_DASHBOARD:-0} != 0 ]]; then
+    for script in bench/dashboard_queries.py bench/dashboard_pageload.py; do
+        echo
+        echo "bench: $script"
+        "$PYTHON" "$script" &
+        child=$!
+        wait "$child" || status=$?
+        child=0
+    done
 fi
 exit "$status"

@@ -3,7 +3,8 @@
 rendered its title and no Streamlit exception, and saves a screenshot of it under
 tests/artifacts/screenshots/ (gitignored).
 
-Chromium runs headless with a DevTools port: the test navigates, waits until the page shows
+Chromium runs headless with a DevTools port (apigw/devtools.py, shared with
+bench/dashboard_pageload.py): the test navigates, waits until the page shows
 its title and Streamlit is idle (a screenshot flag with a virtual-time budget fires before the
 websocket delivers the page), then captures the screenshot and the DOM. Chromium is Debian's
 `chromium` package. When it is missing and the test runs as root, the test
@@ -14,21 +15,15 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import json
-import os
-import shutil
-import signal
-import subprocess
 import time
 import urllib.parse
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
-import aiohttp
 import pytest
 
+from apigw.devtools import DevTools, DevToolsError, browser, find_chromium, install_chromium
 from apigw.redis_server import free_port
 from tests.processes import apigw_command, managed
 from tests.test_api import ANOMALY_ID, served_api
@@ -36,9 +31,6 @@ from tests.test_dashboard import security_anomalies
 
 ROOT = Path(__file__).resolve().parents[1]
 SCREENSHOTS = ROOT / "tests" / "artifacts" / "screenshots"
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--disable-component-update", "--no-first-run", "--disable-sync",
-         "--disable-dev-shm-usage", "--hide-scrollbars", "--window-size=1400,1000"]
 PAGE_TIMEOUT_S = 20.0  # a page must show its title, with Streamlit idle, within this
 # (file name, path and query, the title the page must show)
 PAGES = [
@@ -51,29 +43,6 @@ PAGES = [
     ("policies", "/policies?minutes=60", "Policies"),
     ("audit", "/audit", "Audit"),
 ]
-
-
-def find_chromium() -> str | None:
-    for name in ("chromium", "chromium-browser", "google-chrome"):
-        found = shutil.which(name)
-        if found:
-            return found
-    return None
-
-
-def install_chromium() -> str | None:
-    """apt-get install chromium (root only); None when that is not possible here."""
-    if os.geteuid() != 0 or shutil.which("apt-get") is None:
-        return None
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    try:
-        subprocess.run(["apt-get", "update"], env=env, check=True, capture_output=True,
-                       timeout=300)
-        subprocess.run(["apt-get", "install", "-y", "chromium"], env=env, check=True,
-                       capture_output=True, timeout=600)
-    except (subprocess.SubprocessError, OSError):
-        return None
-    return find_chromium()
 
 
 @pytest.fixture(scope="module")
@@ -97,28 +66,6 @@ def dashboard_url(redis_url: str, chdb_dsn: str, tmp_path: Path) -> Iterator[str
             yield url
 
 
-class DevTools:
-    """The few Chrome DevTools Protocol calls the test needs, over the page's websocket."""
-
-    def __init__(self, ws: aiohttp.ClientWebSocketResponse) -> None:
-        self.ws = ws
-        self.next_id = 0
-
-    async def call(self, method: str, **params: Any) -> dict[str, Any]:
-        self.next_id += 1
-        await self.ws.send_json({"id": self.next_id, "method": method, "params": params})
-        while True:
-            message = await asyncio.wait_for(self.ws.receive_json(), 30)
-            if message.get("id") == self.next_id:
-                assert "error" not in message, message
-                result: dict[str, Any] = message["result"]
-                return result
-
-    async def evaluate(self, expression: str) -> Any:
-        answer = await self.call("Runtime.evaluate", expression=expression, returnByValue=True)
-        return answer["result"].get("value")
-
-
 # the page's h1 titles, and whether Streamlit still runs the script or shows skeletons
 _STATE = """JSON.stringify({
   titles: [...document.querySelectorAll('h1')].map(e => e.innerText.trim()),
@@ -134,51 +81,15 @@ async def render(devtools: DevTools, url: str, title: str) -> tuple[bytes, str, 
     settled = 0
     while time.monotonic() < deadline and settled < 3:
         await asyncio.sleep(0.3)
-        state = json.loads(await devtools.evaluate(_STATE) or "{}")
+        try:
+            state = json.loads(await devtools.evaluate(_STATE) or "{}")
+        except DevToolsError:  # asked while the old document was being replaced
+            continue
         settled = settled + 1 if title in state.get("titles", []) and not state["busy"] else 0
     await asyncio.sleep(1.0)  # let the charts draw
     shot = await devtools.call("Page.captureScreenshot", format="png")
     dom = await devtools.evaluate("document.documentElement.outerHTML")
     return base64.b64decode(shot["data"]), str(dom), settled >= 3
-
-
-@contextlib.asynccontextmanager
-async def browser(chromium: str, profile: Path) -> AsyncIterator[DevTools]:
-    """Headless Chromium with a DevTools port; yields its page, stops it afterwards."""
-    port = free_port()
-    args = [chromium, *FLAGS, f"--user-data-dir={profile}", f"--remote-debugging-port={port}",
-            "--remote-debugging-address=127.0.0.1", "about:blank"]
-    process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        async with aiohttp.ClientSession() as session:
-            page = await _page_target(session, port, process)
-            async with session.ws_connect(page, max_msg_size=0) as ws:
-                devtools = DevTools(ws)
-                await devtools.call("Page.enable")
-                yield devtools
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-
-
-async def _page_target(session: aiohttp.ClientSession, port: int,
-                       process: subprocess.Popen[bytes]) -> str:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        assert process.poll() is None, f"chromium exited with {process.returncode}"
-        with contextlib.suppress(aiohttp.ClientError):
-            async with session.get(f"http://127.0.0.1:{port}/json/list") as response:
-                pages = [t for t in await response.json() if t["type"] == "page"]
-                if pages:
-                    return str(pages[0]["webSocketDebuggerUrl"])
-        await asyncio.sleep(0.2)
-    raise TimeoutError("chromium's DevTools endpoint did not come up")
 
 
 async def test_every_page_renders_in_chromium(chromium: str, dashboard_url: str,

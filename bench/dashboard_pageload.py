@@ -1,0 +1,354 @@
+"""Dashboard page load in a real browser: navigation -> the page's main content rendered with
+Streamlit idle, on a control plane whose embedded ClickHouse holds 10 million events.
+
+    .venv/bin/python bench/dashboard_pageload.py                      # 10 M events, ~6 minutes
+    .venv/bin/python bench/dashboard_pageload.py --events 1000000 --rounds 3 --minutes 60
+
+What it does (all on free loopback ports, in a temp dir, every process stopped by its pid):
+1. fills a chDB store with `--events` events over the last 24 h and one anomaly
+   (bench/dashboard_queries.py's `generate`), starts `apigw controlplane` on it with a
+   throwaway redis-server, waits for its first analytics run, then makes a few audited
+   changes through the API (kill switch on/off, a per-client policy edited once) so the
+   Policies and Audit pages have history to show;
+2. starts `apigw dashboard` against that API and headless Chromium (apigw/devtools.py);
+3. per time range and round, for each page: clears the browser cache and navigates to the
+   page's deep link (**first load**: fresh Streamlit session, cold browser cache), then
+   reloads it (**warm reload**: cached JS/CSS, a new Streamlit session again).
+
+A load is timed in the page itself (`performance.now()`, 0 = navigation start) by a watcher
+injected before the page's own scripts: it is over when Streamlit's script run has finished
+(`stApp[data-test-script-state=notRunning]` after `running`), the page's title and expected
+elements are in the DOM (drawn: a chart's canvas, a dataframe's canvas), nothing is stale or a
+skeleton, and two animation frames have passed. Where the time goes, per load: `connected`
+(HTML + JS + websocket up), `script` (running -> finished, API calls included), `api` (the
+API's own handler time summed over the load's requests, from its Prometheus histogram; reads
+made concurrently can sum to more than the script time), `render` (finished -> ready: drawing
+what the script sent).
+
+Other processes share the CPUs: compare rows of one run; the header prints the load average.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import statistics
+import sys
+import tempfile
+import time
+import urllib.parse
+import urllib.request
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from dashboard_queries import ENDPOINT, generate, wait_first_run  # noqa: E402
+from pipeline import process, table, wait_http  # noqa: E402
+
+from apigw.devtools import (  # noqa: E402
+    DevTools,
+    DevToolsError,
+    browser,
+    find_chromium,
+    install_chromium,
+)
+from apigw.redis_server import RedisServer, free_port  # noqa: E402
+from dashboard.client import ApiClient  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results"
+TARGET_S = 1.0
+LOAD_TIMEOUT_S = 60.0
+POLL_S = 0.05
+DATAFRAME = '[data-testid="stDataFrame"] canvas'
+CHART = '[data-testid="stVegaLiteChart"] canvas, [data-testid="stVegaLiteChart"] svg.marks'
+METRIC = '[data-testid="stMetric"]'
+
+
+@dataclass(frozen=True)
+class Page:
+    name: str
+    path: str  # without the range
+    title: str
+    expect: list[tuple[str, int]]  # CSS selector, at least this many
+
+
+def pages() -> list[Page]:
+    endpoint = " ".join(ENDPOINT)
+    return [
+        Page("overview", "/?", "Overview", [(METRIC, 5), (DATAFRAME, 1)]),
+        Page("investigate", "/investigate?" + urllib.parse.urlencode({"endpoint": endpoint})
+             + "&", "Investigate", [(CHART, 4), (DATAFRAME, 6)]),
+        Page("security", "/security?", "Security review", [(METRIC, 3)]),
+        Page("policies", "/policies?", "Policies", [(DATAFRAME, 4)]),
+        Page("audit", "/audit?", "Audit", [(DATAFRAME, 1)]),
+    ]
+
+
+# Runs before the page's own scripts on every new document; fills window.__apigwMarks with
+# performance.now() times: connected, running, finished, ready (or exception).
+_WATCHER = """(() => {
+  const want = %s;
+  const marks = {};
+  window.__apigwMarks = marks;
+  const now = () => Math.round(performance.now() * 10) / 10;
+  const mark = (name) => { if (!(name in marks)) marks[name] = now(); };
+  const check = () => {
+    if ('settled' in marks || 'exception' in marks) return;
+    const app = document.querySelector('[data-testid="stApp"]');
+    if (!app) return;
+    if (app.getAttribute('data-test-connection-state') === 'CONNECTED') mark('connected');
+    const state = app.getAttribute('data-test-script-state');
+    if (state === 'running') mark('running');
+    const failed = document.querySelector('[data-testid="stException"]');
+    if (failed) {
+      marks.exception = failed.innerText.slice(0, 2000); marks.ready = now(); return;
+    }
+    if (!('running' in marks) || state !== 'notRunning') return;
+    mark('finished');
+    const titles = [...document.querySelectorAll('h1')].map(e => e.innerText.trim());
+    if (!titles.includes(want.title)) return;
+    if (document.querySelector('[data-testid="stSkeleton"], [data-stale="true"]')) return;
+    for (const [css, min] of want.expect) {
+      if (document.querySelectorAll(css).length < min) return;
+    }
+    marks.settled = now();
+    requestAnimationFrame(() => requestAnimationFrame(() => { marks.ready = now(); }));
+  };
+  new MutationObserver(check).observe(document, {
+    subtree: true, attributes: true, attributeFilter: ['data-test-script-state']});
+  setInterval(check, 10);
+})();"""
+
+
+@dataclass
+class Load:
+    page: str
+    minutes: int
+    kind: str  # first | warm
+    round: int
+    ready_ms: float | None
+    marks: dict[str, Any] = field(default_factory=dict)  # times in ms; "exception": its text
+    api_ms: float = 0.0
+    api_calls: int = 0
+    error: str = ""
+
+
+def api_histogram(api_url: str) -> tuple[float, int]:
+    """Total seconds and count of the API's handled requests so far (not /metrics itself)."""
+    with urllib.request.urlopen(f"{api_url}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    total, count = 0.0, 0
+    for name, route, value in re.findall(
+            r'^apigw_api_request_duration_seconds_(sum|count)\{route="([^"]*)"\} (\S+)$', text,
+            re.MULTILINE):
+        if route == "/metrics":
+            continue
+        if name == "sum":
+            total += float(value)
+        else:
+            count += int(float(value))
+    return total, count
+
+
+async def load(devtools: DevTools, url: str, api_url: str, reload: bool,
+               ) -> tuple[float | None, dict[str, Any], float, int]:
+    before = await asyncio.to_thread(api_histogram, api_url)
+    if reload:
+        await devtools.call("Page.reload", ignoreCache=False)
+    else:
+        await devtools.call("Network.clearBrowserCache")
+        await devtools.call("Page.navigate", url=url)
+    deadline = time.monotonic() + LOAD_TIMEOUT_S
+    marks: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        await asyncio.sleep(POLL_S)
+        try:
+            found = await devtools.evaluate("JSON.stringify(window.__apigwMarks || {})")
+        except DevToolsError:  # asked while the old document was being replaced
+            continue
+        marks = json.loads(found or "{}")
+        if "ready" in marks:
+            break
+    else:
+        marks["timeout"] = LOAD_TIMEOUT_S * 1000
+    after = await asyncio.to_thread(api_histogram, api_url)
+    return (marks.get("ready"), marks, (after[0] - before[0]) * 1000, after[1] - before[1])
+
+
+async def drive(chromium: str, dashboard: str, api_url: str, profile: Path,
+                ranges: list[int], rounds: int) -> list[Load]:
+    loads: list[Load] = []
+    async with browser(chromium, profile) as devtools:
+        await devtools.call("Network.enable")
+        script_id = ""
+        # round 0: each page once after the dashboard started (its imports: pandas, altair),
+        # reported apart; rounds 1..N are measured
+        for minutes in ranges:
+            for number in range(0 if minutes == ranges[0] else 1, rounds + 1):
+                for page in pages():
+                    if script_id:
+                        await devtools.call("Page.removeScriptToEvaluateOnNewDocument",
+                                            identifier=script_id)
+                    watcher = _WATCHER % json.dumps({"title": page.title, "expect": page.expect})
+                    script_id = (await devtools.call("Page.addScriptToEvaluateOnNewDocument",
+                                                     source=watcher))["identifier"]
+                    url = f"{dashboard}{page.path}minutes={minutes}&tz=UTC"
+                    for kind in ("first", "warm") if number else ("server-first",):
+                        ready, marks, api_ms, calls = await load(devtools, url, api_url,
+                                                                 reload=kind == "warm")
+                        error = (f"Streamlit exception: {marks['exception']}"
+                                 if "exception" in marks else
+                                 "" if ready is not None else "not ready in time")
+                        loads.append(Load(page.name, minutes, kind, number, ready, marks,
+                                          round(api_ms, 1), calls, error))
+                        print(f"  {minutes:>5} min  round {number}  {page.name:<12} {kind:<5} "
+                              f"{_ms(ready):>8}  {error}", flush=True)
+        await devtools.call("Page.navigate", url="about:blank")
+    return loads
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f} ms"
+
+
+def _median(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+def report(loads: list[Load], events: int, rounds: int) -> list[dict[str, Any]]:
+    summary: list[dict[str, Any]] = []
+    started = [ld for ld in loads if ld.kind == "server-first"]
+    if started:
+        print("\nfirst session of each page after the dashboard started (imports included, "
+              "not in the tables): " + ", ".join(f"{ld.page} {_ms(ld.ready_ms)}"
+                                                 for ld in started))
+    for minutes in sorted({load.minutes for load in loads}):
+        rows = []
+        for page in pages():
+            row: dict[str, Any] = {"page": page.name, "minutes": minutes}
+            cells: list[Any] = [page.name]
+            for kind in ("first", "warm"):
+                mine = [ld for ld in loads if (ld.page, ld.minutes, ld.kind)
+                        == (page.name, minutes, kind)]
+                ready = [ld.ready_ms for ld in mine if ld.ready_ms is not None and not ld.error]
+                best, median = (min(ready), statistics.median(ready)) if ready else (None, None)
+                row[kind] = {"best_ms": best, "median_ms": median,
+                             "failed": sum(1 for ld in mine if ld.error)}
+                cells += [_ms(best), _ms(median)]
+            warm = [ld for ld in loads if (ld.page, ld.minutes, ld.kind)
+                    == (page.name, minutes, "warm") and not ld.error]
+            phases = {
+                "connected_ms": _median([ld.marks["connected"] for ld in warm
+                                         if "connected" in ld.marks]),
+                "script_ms": _median([ld.marks["finished"] - ld.marks["running"] for ld in warm
+                                      if {"finished", "running"} <= ld.marks.keys()]),
+                "api_ms": _median([ld.api_ms for ld in warm]),
+                "api_calls": _median([float(ld.api_calls) for ld in warm]),
+                "render_ms": _median([ld.marks["ready"] - ld.marks["finished"] for ld in warm
+                                      if {"ready", "finished"} <= ld.marks.keys()]),
+            }
+            row["warm_phases"] = phases
+            first_median = row["first"]["median_ms"]
+            warm_median = row["warm"]["median_ms"]
+            row["under_1s"] = (first_median is not None and warm_median is not None
+                               and max(first_median, warm_median) < TARGET_S * 1000)
+            cells += [_ms(phases["connected_ms"]), _ms(phases["script_ms"]),
+                      f"{_ms(phases['api_ms'])} / {phases['api_calls'] or 0:.0f}",
+                      _ms(phases["render_ms"]), "yes" if row["under_1s"] else "NO"]
+            rows.append(cells)
+            summary.append(row)
+        table(f"Rendered page load, last {minutes} min, {events:,} events ({rounds} rounds; "
+              "first = cold browser cache, warm = reload)",
+              ["page", "first best", "first median", "warm best", "warm median",
+               "connected", "script", "api / calls", "render", "medians < 1 s"], rows)
+    print("\nconnected, script, api, render: medians of the warm reloads (see the docstring)")
+    return summary
+
+
+def seed_actions(api: ApiClient) -> None:
+    """A few audited changes so the Policies and Audit pages have history to render."""
+    api.set_kill_switch(True, "bench: page load")
+    api.set_kill_switch(False, "bench: page load")
+    route_id, method, _ = ENDPOINT
+    for limit in (10, 20):
+        api.call("PUT", "/api/v1/policies/bench-client-7", body={
+            "route_id": route_id, "method": method, "key_by": "client_id",
+            "match_key": "client-7", "limit": limit, "window_s": 60,
+            "reason": f"bench: page load, limit {limit}"})
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--events", type=int, default=10_000_000)
+    parser.add_argument("--minutes", default="60,1440",
+                        help="dashboard time ranges to load, in minutes (comma-separated)")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--first-run-timeout", type=float, default=300.0,
+                        help="seconds to wait for the scheduler's first run before timing")
+    args = parser.parse_args()
+    chromium = find_chromium() or install_chromium()
+    if chromium is None:
+        print("bench: Chromium is missing and cannot be installed here (apt-get install "
+              "chromium, as root)", file=sys.stderr)
+        return 2
+    ranges = [int(m) for m in args.minutes.split(",")]
+    load_before = os.getloadavg()[0]
+    print(f"# dashboard page load in Chromium ({os.cpu_count()} CPUs, load average "
+          f"{load_before:.2f})")
+    with tempfile.TemporaryDirectory(prefix="apigw-pageload-") as name:
+        tmp = Path(name)
+        dsn = f"chdb://{tmp / 'store'}"
+        end = int(time.time()) // 60 * 60
+        generated, _ = generate(dsn, args.events, end)
+        print(f"\ngenerated {args.events:,} events over 24 h in {generated:.0f} s")
+        redis = RedisServer(tmp / "redis").start()
+        try:
+            api_port, dash_port = free_port(), free_port()
+            api_url = f"http://127.0.0.1:{api_port}"
+            env = {"APIGW_REDIS_URL": redis.url, "APIGW_CLICKHOUSE_DSN": dsn,
+                   "APIGW_LOG_LEVEL": "WARNING", "APIGW_INTERVAL_S": "86400",
+                   "APIGW_DATA_DIR": str(tmp / "data"), "APIGW_API_TOKENS": ""}
+            api_log = tmp / "controlplane.log"
+            control = [sys.executable, "-m", "apigw.cli", "controlplane", "--listen",
+                       f"127.0.0.1:{api_port}"]
+            with process(control, env, api_log) as api_child:
+                wait_http(f"{api_url}/healthz", api_child, api_log, timeout=120)
+                api = ApiClient(api_url, timeout_s=60.0)
+                print(f"first analytics run over after "
+                      f"{wait_first_run(api, args.first_run_timeout):.0f} s")
+                seed_actions(api)
+                dash_log = tmp / "dashboard.log"
+                dashboard = [sys.executable, "-m", "apigw.cli", "dashboard", "--listen",
+                             f"127.0.0.1:{dash_port}", "--api-url", api_url]
+                dash_env = {"STREAMLIT_BROWSER_GATHER_USAGE_STATS": "false",
+                            "APIGW_API_TOKEN": ""}
+                with process(dashboard, dash_env, dash_log) as dash_child:
+                    url = f"http://127.0.0.1:{dash_port}"
+                    wait_http(f"{url}/_stcore/health", dash_child, dash_log, timeout=60)
+                    loads = asyncio.run(drive(chromium, url, api_url, tmp / "profile", ranges,
+                                              args.rounds))
+        finally:
+            redis.stop()
+    summary = report(loads, args.events, args.rounds)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+    out = RESULTS / f"dashboard-pageload-{stamp}.json"
+    out.write_text(json.dumps({
+        "events": args.events, "rounds": args.rounds, "cpus": os.cpu_count(),
+        "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+        "summary": summary, "loads": [asdict(ld) for ld in loads]}, indent=1))
+    print(f"wrote {out.relative_to(ROOT)}")
+    failed = [ld for ld in loads if ld.error]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
