@@ -28,6 +28,7 @@ from multidict import CIMultiDict
 from prometheus_client import Counter, Gauge
 
 from proxy.cache_store import CacheUnavailable, Entry, Key, Resource, variant_key
+from proxy.degrade import DegradeGate
 from proxy.policy import RedisKeys
 
 log = logging.getLogger(__name__)
@@ -116,52 +117,30 @@ class RedisCacheBackend:
         self.redis = redis
         self.keys = keys
         self.timeout_s = timeout_s
-        self._min_backoff = min_backoff_s
-        self._max_backoff = max_backoff_s
-        self._backoff = min_backoff_s
-        self._retry_at = 0.0
-        self.degraded = False
+        self._gate = DegradeGate(CACHE_BACKEND_DEGRADED, log,
+                                 "response cache bypassed: Redis unavailable",
+                                 "response cache recovered: Redis reachable again",
+                                 min_backoff_s=min_backoff_s, max_backoff_s=max_backoff_s)
         self.store_script = redis.register_script(STORE_SCRIPT)
         self.invalidate_script = redis.register_script(INVALIDATE_SCRIPT)
 
     async def run(self, route_id: str, operation: str,
                   command: Callable[[], Awaitable[T]]) -> T:
         """`command()` within the time budget; CacheUnavailable when Redis cannot serve."""
-        if self.degraded and time.monotonic() < self._retry_at:
+        gate = self._gate
+        if gate.skipping():
             CACHE_BACKEND_ERRORS.labels(route_id, operation).inc()
             raise CacheUnavailable("Redis unavailable (backing off)")
-        probing = self.degraded
-        if probing:
-            self._retry_at = time.monotonic() + self._backoff  # one probe at a time
+        probing = gate.begin()
         try:
             async with asyncio.timeout(self.timeout_s):
                 result = await command()
         except Exception as exc:  # Redis, network, timeout, or a bad reply: same remedy
             CACHE_BACKEND_ERRORS.labels(route_id, operation).inc()
-            self._failed(exc, probing)
+            gate.failed(exc, probing)
             raise CacheUnavailable(type(exc).__name__) from exc
-        if self.degraded:
-            self._recovered()
+        gate.succeeded()
         return result
-
-    def _failed(self, exc: BaseException, probing: bool) -> None:
-        if self.degraded:
-            if not probing:
-                return  # an operation already in flight when Redis went away
-            self._backoff = min(self._backoff * 2, self._max_backoff)
-        else:
-            self.degraded = True
-            self._backoff = self._min_backoff
-            CACHE_BACKEND_DEGRADED.set(1)
-            log.warning("response cache bypassed: Redis unavailable",
-                        extra={"error": repr(exc)[:200]})
-        self._retry_at = time.monotonic() + self._backoff
-
-    def _recovered(self) -> None:
-        self.degraded = False
-        self._backoff = self._min_backoff
-        CACHE_BACKEND_DEGRADED.set(0)
-        log.info("response cache recovered: Redis reachable again")
 
 
 class RedisStore:

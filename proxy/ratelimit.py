@@ -30,6 +30,7 @@ from typing import Any, Final, Literal, Protocol, TypeVar
 import redis.asyncio as aioredis
 from prometheus_client import Counter, Gauge
 
+from proxy.degrade import DegradeGate
 from proxy.policy import Algorithm, Policy, QuotaPeriod, RedisKeys
 
 log = logging.getLogger(__name__)
@@ -398,57 +399,39 @@ class FailoverRateLimiter:
         self._local = local_limiter
         self.fail_mode = fail_mode
         self.timeout_s = timeout_s
-        self._min_backoff = min_backoff_s
-        self._max_backoff = max_backoff_s
-        self._backoff = min_backoff_s
-        self._retry_at = 0.0
-        self.degraded = False
-        self.last_error = ""
+        self._gate = DegradeGate(DEGRADED, log, "rate limiting degraded: Redis unavailable",
+                                 "rate limiting recovered: Redis reachable again",
+                                 min_backoff_s=min_backoff_s, max_backoff_s=max_backoff_s,
+                                 log_extra={"fail_mode": fail_mode})
+
+    @property
+    def degraded(self) -> bool:
+        return self._gate.degraded
+
+    @property
+    def last_error(self) -> str:
+        return self._gate.last_error
 
     async def check(self, policy: Policy, key: str, cost: int = 1) -> Decision:
-        if self.degraded and time.monotonic() < self._retry_at:
+        gate = self._gate
+        if gate.skipping():
             return self._fallback(policy, key, cost)
-        if self._held is not None and not self.degraded:  # hybrid: most checks end here
+        if self._held is not None and not gate.degraded:  # hybrid: most checks end here
             held = self._held(policy, key, cost)
             if held is not None:
                 return held
-        probing = self.degraded
-        if probing:
-            self._retry_at = time.monotonic() + self._backoff  # one probe at a time
+        probing = gate.begin()
         try:
             async with asyncio.timeout(self.timeout_s):
                 decision = await self._redis.check(policy, key, cost)
         except Exception as exc:  # Redis, network, timeout, or a bad reply: same remedy
-            self._failed(exc, probing)
+            BACKEND_ERRORS.inc()
+            gate.failed(exc, probing)
             return self._fallback(policy, key, cost)
-        if self.degraded:
-            self._recovered()
+        gate.succeeded()
         return decision
 
     def _fallback(self, policy: Policy, key: str, cost: int) -> Decision:
         if (policy.fail_mode or self.fail_mode) == "closed":
             raise RateLimitUnavailable(f"rate-limit backend unavailable: {self.last_error}")
         return self._local.check_now(policy, key, cost)
-
-    def _failed(self, exc: BaseException, probing: bool) -> None:
-        BACKEND_ERRORS.inc()
-        self.last_error = type(exc).__name__
-        if self.degraded:
-            if probing:
-                self._backoff = min(self._backoff * 2, self._max_backoff)
-            else:
-                return  # a request already in flight when Redis went away
-        else:
-            self.degraded = True
-            self._backoff = self._min_backoff
-            DEGRADED.set(1)
-            log.warning("rate limiting degraded: Redis unavailable", extra={
-                "error": repr(exc)[:200], "fail_mode": self.fail_mode})
-        self._retry_at = time.monotonic() + self._backoff
-
-    def _recovered(self) -> None:
-        self.degraded = False
-        self._backoff = self._min_backoff
-        self.last_error = ""
-        DEGRADED.set(0)
-        log.info("rate limiting recovered: Redis reachable again")
