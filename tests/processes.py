@@ -68,3 +68,12 @@ def managed(name: str, args: list[str], env: Mapping[str, str],
         yield process
     finally:
         process.stop()
+
+
+def serve_process(config: Path, env: Mapping[str, str], log_dir: Path,
+                  name: str = "proxy") -> ManagedProcess:
+    """`proxy.server.serve(config)` in a child, its ProxySettings from the APIGW_* in `env`."""
+    code = ("import sys; from pathlib import Path; from proxy.server import serve; "
+            "from proxy.settings import ProxySettings; "
+            f"sys.exit(serve(Path({str(config)!r}), ProxySettings()))")
+    return ManagedProcess(name, [sys.executable, "-c", code], env, log_dir)

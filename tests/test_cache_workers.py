@@ -5,7 +5,6 @@ served by either worker invalidates for both."""
 from __future__ import annotations
 
 import asyncio
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import redis.asyncio as aioredis
 
 from apigw.redis_server import free_port
 from tests import test_cache_invalidation as _invalidation_tests
-from tests.processes import ManagedProcess
+from tests.processes import serve_process
 from tests.test_cache_invalidation import Resources
 from tests.test_proxy import STREAM, read_events
 
@@ -59,10 +58,7 @@ async def test_two_workers_share_one_redis_cache(resources: Resources, redis_url
     env = {"APIGW_REDIS_URL": redis_url, "APIGW_LISTEN": f"127.0.0.1:{port}",
            "APIGW_ADMIN_LISTEN": f"127.0.0.1:{admin}", "APIGW_WORKERS": "2",
            "APIGW_SHUTDOWN_GRACE_S": "2", "APIGW_EVENTS_STREAM": STREAM}
-    code = ("import sys; from pathlib import Path; from proxy.server import serve; "
-            "from proxy.settings import ProxySettings; "
-            f"sys.exit(serve(Path({str(config)!r}), ProxySettings()))")
-    process = ManagedProcess("proxy", [sys.executable, "-c", code], env, tmp_path)
+    process = serve_process(config, env, tmp_path)
     try:
         await asyncio.to_thread(process.wait_http, f"http://127.0.0.1:{admin}/readyz", 60)
         url = f"http://127.0.0.1:{port}/items/1"

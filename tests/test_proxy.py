@@ -31,7 +31,7 @@ from proxy.config import GatewayConfig
 from proxy.event import decode_batch
 from proxy.server import seed_policies, start_listener
 from proxy.settings import ProxySettings
-from tests.processes import ManagedProcess
+from tests.processes import ManagedProcess, serve_process
 
 STREAM = "apigw:events"
 CHUNK = 64 * 1024
@@ -818,10 +818,7 @@ async def test_serve_two_workers_and_sigterm(upstream: str, redis_url: str,
     env = {"APIGW_REDIS_URL": redis_url, "APIGW_LISTEN": f"127.0.0.1:{port}",
            "APIGW_ADMIN_LISTEN": f"127.0.0.1:{admin}", "APIGW_WORKERS": "2",
            "APIGW_SHUTDOWN_GRACE_S": "3", "APIGW_EVENTS_STREAM": STREAM}
-    code = ("import sys; from pathlib import Path; from proxy.server import serve; "
-            "from proxy.settings import ProxySettings; "
-            f"sys.exit(serve(Path({str(config)!r}), ProxySettings()))")
-    process = ManagedProcess("proxy", [sys.executable, "-c", code], env, tmp_path)
+    process = serve_process(config, env, tmp_path)
     try:
         await asyncio.to_thread(process.wait_http, f"http://127.0.0.1:{admin}/readyz", 60)
         for n in range(20):

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import re
 import signal
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -26,7 +25,7 @@ from proxy.reload import LiveGateway
 from proxy.server import start_listener
 from proxy.settings import ProxySettings
 from tests import test_proxy as _proxy_tests
-from tests.processes import ManagedProcess
+from tests.processes import ManagedProcess, serve_process
 from tests.test_proxy import STREAM
 
 client = _proxy_tests.client  # fixture
@@ -165,10 +164,7 @@ async def test_sighup_and_file_watch_on_a_real_process(
     env = {"APIGW_REDIS_URL": redis_url, "APIGW_LISTEN": f"127.0.0.1:{port}",
            "APIGW_ADMIN_LISTEN": f"127.0.0.1:{admin}", "APIGW_CONFIG_WATCH_S": "0.2",
            "APIGW_SHUTDOWN_GRACE_S": "2"}
-    code = ("import sys; from pathlib import Path; from proxy.server import serve; "
-            "from proxy.settings import ProxySettings; "
-            f"sys.exit(serve(Path({str(path)!r}), ProxySettings()))")
-    process = ManagedProcess("proxy", [sys.executable, "-c", code], env, tmp_path)
+    process = serve_process(path, env, tmp_path)
     try:
         await asyncio.to_thread(process.wait_http, f"http://127.0.0.1:{admin}/readyz", 60)
         await _eventually(f"http://127.0.0.1:{port}/x", b"blue")
