@@ -314,9 +314,8 @@ async def _serve_api(settings: ApiSettings, host: str, port: int) -> None:
 
 def serve_api(settings: ApiSettings, listen: str) -> int:
     """The API alone (for a ClickHouse server deployment): no collector, no scheduler."""
-    import uvloop
-
     from apigw import logs
+    from apigw.logs import new_event_loop
 
     logs.configure("api", settings.log_level)
     try:
@@ -325,7 +324,8 @@ def serve_api(settings: ApiSettings, listen: str) -> int:
         log.error(str(exc))
         return 2
     try:
-        uvloop.run(_serve_api(settings, host, port))
+        with asyncio.Runner(loop_factory=new_event_loop) as runner:
+            runner.run(_serve_api(settings, host, port))
     except Exception:
         log.exception("api failed")
         return 1

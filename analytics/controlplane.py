@@ -124,9 +124,8 @@ async def _main(settings: ControlPlaneSettings, host: str, port: int) -> None:
 
 def serve(settings: ControlPlaneSettings, listen: str | None = None) -> int:
     """Blocking entry point of `apigw controlplane`; returns the exit code."""
-    import uvloop
-
     from apigw import logs
+    from apigw.logs import new_event_loop
 
     logs.configure("controlplane", settings.log_level)
     try:
@@ -137,7 +136,8 @@ def serve(settings: ControlPlaneSettings, listen: str | None = None) -> int:
         log.error("invalid settings", extra={"error": str(exc)})
         return 2
     try:
-        uvloop.run(_main(settings, host, port))
+        with asyncio.Runner(loop_factory=new_event_loop) as runner:
+            runner.run(_main(settings, host, port))
     except Exception:
         log.exception("control plane failed")
         return 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import sys
@@ -9,6 +10,7 @@ import time
 from typing import Any
 
 import orjson
+import uvloop
 
 _RESERVED = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None)).keys()) | {
     "message",
@@ -65,3 +67,32 @@ def error_text(exc: BaseException) -> str:
     message = str(exc).strip()
     text = f"{type(exc).__name__}: {message}" if message else type(exc).__name__
     return text[:ERROR_TEXT_CHARS]
+
+
+_TRANSPORT_FAILURES = ("Fatal error on SSL protocol", "Fatal error on transport")
+
+
+def unretrieved_error_handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """The event loop's handler for errors nobody is there to handle. A network error of a
+    connection no caller waits on any more - a connect or TLS handshake that fails after its
+    caller timed out ("Future exception was never retrieved"), a transport torn down mid-
+    handshake or close ("Fatal error on SSL protocol", which uvloop also raises as a
+    RuntimeError on writing to a transport a refusing server just closed), e.g. against an
+    untrusted certificate or a wrong password while a shutdown flush gave up - is one warning
+    with the reason and no traceback: the caller already counted and logged its own failure.
+    Everything else goes to asyncio's default handler (an error with the traceback)."""
+    exc = context.get("exception")
+    message = str(context.get("message", "")).split("\n", 1)[0][:200]
+    if isinstance(exc, OSError) or message.startswith(_TRANSPORT_FAILURES):
+        logging.getLogger("asyncio").warning("network error on a connection nobody awaits",
+                                             extra={"context": message,
+                                                    "error": error_text(exc) if exc else ""})
+        return
+    loop.default_exception_handler(context)
+
+
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """uvloop with `unretrieved_error_handler`."""
+    loop = uvloop.new_event_loop()
+    loop.set_exception_handler(unretrieved_error_handler)
+    return loop

@@ -148,7 +148,7 @@ async def _main(settings: CollectorSettings, host: str, port: int) -> None:
 
 def serve(settings: CollectorSettings, listen: str | None = None) -> int:
     """Blocking entry point of `apigw collector`; returns the exit code."""
-    import uvloop
+    from apigw.logs import new_event_loop
 
     logs.configure("collector", settings.log_level)
     try:
@@ -157,7 +157,8 @@ def serve(settings: CollectorSettings, listen: str | None = None) -> int:
         log.error("invalid settings", extra={"error": str(exc)})
         return 2
     try:
-        uvloop.run(_main(settings, host, port))
+        with asyncio.Runner(loop_factory=new_event_loop) as runner:
+            runner.run(_main(settings, host, port))
     except StoreUnavailableError as exc:
         log.error("refusing to start", extra={"error": str(exc)})
         return 1

@@ -39,9 +39,7 @@ from multiprocessing.synchronize import Event as ProcessEvent
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
-import uvloop
-
-from apigw.logs import configure, error_text
+from apigw.logs import configure, error_text, new_event_loop
 from proxy.config import ConfigError, GatewayConfig, load_config
 from proxy.settings import ProxySettings, parse_listen
 from proxy.tls import TlsError, TlsListener, check_tls, server_context
@@ -84,7 +82,7 @@ def serve(config_path: Path, settings: ProxySettings) -> int:
                         "the parent's own metrics are not aggregated")
         os.environ[_MULTIPROC_ENV] = multiproc_dir
     try:
-        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        with asyncio.Runner(loop_factory=new_event_loop) as runner:
             if settings.workers == 1:
                 return runner.run(_run_single(config, settings, config_path))
             return runner.run(_Supervisor(config, settings, config_path).run())
@@ -302,7 +300,7 @@ def _worker_main(config: GatewayConfig, settings: ProxySettings, ready: ProcessE
         use_ledger(SeqLedger(*ledger))
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the loop's reload handler is set
     settings = settings.for_worker()
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+    with asyncio.Runner(loop_factory=new_event_loop) as runner:
         code = runner.run(_run_worker(config, settings, ready, config_path))
     sys.exit(code)
 
