@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -47,6 +48,20 @@ def file_stamp(path: Path) -> tuple[int, int] | None:
     except OSError:
         return None
     return stat.st_mtime_ns, stat.st_size
+
+
+async def watch_file(path: Path | None, interval_s: float,
+                     on_change: Callable[[], None]) -> None:
+    """Poll `path` every `interval_s` (0: never) and call `on_change` when it changed."""
+    if path is None or interval_s <= 0:
+        return
+    stamp = file_stamp(path)
+    while True:
+        await asyncio.sleep(interval_s)
+        current = file_stamp(path)
+        if current is not None and current != stamp:
+            stamp = current
+            on_change()
 
 
 class LiveGateway:
@@ -176,22 +191,6 @@ class LiveGateway:
         task = asyncio.create_task(self.reload())
         self._retiring.add(task)
         task.add_done_callback(self._retiring.discard)
-
-    async def watch(self, interval_s: float, on_change: Any = None) -> None:
-        """Poll the config file; reload (or call `on_change`) when it changes."""
-        if self.config_path is None or interval_s <= 0:
-            return
-        stamp = file_stamp(self.config_path)
-        while True:
-            await asyncio.sleep(interval_s)
-            current = file_stamp(self.config_path)
-            if current is None or current == stamp:
-                continue
-            stamp = current
-            if on_change is not None:
-                on_change()
-            else:
-                await self.reload()
 
     async def stop(self, timeout_s: float = 5.0) -> None:
         """Stop the current gateway and wait for retiring ones."""

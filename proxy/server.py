@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from apigw.logs import configure, error_text, new_event_loop
 from proxy.config import ConfigError, GatewayConfig, load_config
+from proxy.reload import watch_file
 from proxy.settings import ProxySettings, parse_listen
 from proxy.tls import TlsError, TlsListener, check_tls, server_context
 
@@ -187,11 +188,6 @@ def listener_tls(live: LiveGateway) -> ssl.SSLContext | None:
     return TlsListener(server_context(config), current).context
 
 
-def _watch(live: LiveGateway, interval_s: float,
-           on_change: Callable[[], None] | None = None) -> asyncio.Task[None]:
-    return asyncio.create_task(live.watch(interval_s, on_change), name="config-watch")
-
-
 def _stop_event() -> asyncio.Event:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -225,7 +221,8 @@ async def _serve_gateway(config: GatewayConfig, settings: ProxySettings,
         return 1
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGHUP, live.trigger)
-    watcher = _watch(live, watch_s)
+    watcher = asyncio.create_task(watch_file(config_path, watch_s, live.trigger),
+                                  name="config-watch")
     try:
         await on_ready(live)
         log.info("proxy listening", extra={"listen": settings.listen,
@@ -380,7 +377,9 @@ class _Supervisor:
             task.add_done_callback(reloads.discard)
 
         loop.add_signal_handler(signal.SIGHUP, reload)
-        watcher = asyncio.create_task(self._watch(self.settings.config_watch_s, reload))
+        watcher = asyncio.create_task(
+            watch_file(self.config_path, self.settings.config_watch_s, reload),
+            name="config-watch")
         try:
             await seed_policies(self.config, self.settings, redis)
             for slot in range(self.settings.workers):
@@ -453,19 +452,6 @@ class _Supervisor:
         task = asyncio.get_running_loop().create_task(write())
         self._death_writes.add(task)
         task.add_done_callback(self._death_writes.discard)
-
-    async def _watch(self, interval_s: float, on_change: Callable[[], None]) -> None:
-        from proxy.reload import file_stamp
-
-        if self.config_path is None or interval_s <= 0:
-            return
-        stamp = file_stamp(self.config_path)
-        while True:
-            await asyncio.sleep(interval_s)
-            current = file_stamp(self.config_path)
-            if current is not None and current != stamp:
-                stamp = current
-                on_change()
 
     async def _reload(self) -> None:
         """Validate the file; if good, keep it for respawns and tell every worker (SIGHUP)."""
