@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 import time
 from typing import Final
 
@@ -70,12 +69,13 @@ from analytics.models import Recommendation
 from analytics.openapi import Handler, Route, openapi_document
 from analytics.problems import ProblemError, is_unavailable, problem_response
 from analytics.queries import Queries
+from apigw.signals import stop_on_signals
 from collector.clickhouse import SharedClient
 from proxy.policy import Policy, RedisKeys
 from proxy.policy_store import PolicyStore
 
-__all__ = ["PREFIX", "ApiSettings", "app_runner", "build_api", "install_stop_signals",
-           "parse_listen", "routes", "run_app", "serve_api"]
+__all__ = ["PREFIX", "ApiSettings", "app_runner", "build_api", "parse_listen", "routes", "run_app",
+           "serve_api"]
 
 log = logging.getLogger(__name__)
 
@@ -293,15 +293,8 @@ async def run_app(app: web.Application, host: str, port: int, stop: asyncio.Even
         await runner.cleanup()
 
 
-def install_stop_signals(stop: asyncio.Event) -> None:
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-
-
 async def _serve_api(settings: ApiSettings, host: str, port: int) -> None:
-    stop = asyncio.Event()
-    install_stop_signals(stop)
+    stop = stop_on_signals()
     redis = aioredis.Redis.from_url(settings.redis_url)
     ch = await asyncio.to_thread(SharedClient, settings.resolved_clickhouse_dsn())
     try:

@@ -19,10 +19,11 @@ from typing import Any
 import redis.asyncio as aioredis
 from pydantic import ValidationError
 
-from analytics.api import ApiSettings, build_api, install_stop_signals, parse_listen, run_app
+from analytics.api import ApiSettings, build_api, parse_listen, run_app
 from analytics.job import AnalyticsJob, Scheduler
 from analytics.settings import AnalyticsSettings
 from apigw.settings import CommonSettings
+from apigw.signals import stop_on_signals
 from collector.clickhouse import SharedClient, redact_dsn
 from collector.consumer import Collector
 from collector.schema import apply_retention, migrate
@@ -117,8 +118,7 @@ async def run_controlplane(settings: ControlPlaneSettings, host: str, port: int,
 
 
 async def _main(settings: ControlPlaneSettings, host: str, port: int) -> None:
-    stop = asyncio.Event()
-    install_stop_signals(stop)
+    stop = stop_on_signals()
     await run_controlplane(settings, host, port, stop)
 
 

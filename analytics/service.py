@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
 from typing import Final
 
 import redis.asyncio as aioredis
@@ -23,6 +22,7 @@ from analytics.job import AnalyticsJob, Scheduler
 from analytics.settings import AnalyticsSettings
 from apigw import logs
 from apigw.logs import error_text
+from apigw.signals import stop_on_signals
 from collector.clickhouse import SharedClient, is_embedded, redact_dsn
 from proxy.policy import RedisKeys
 from proxy.policy_store import PolicyStore
@@ -116,10 +116,7 @@ def _open_store(dsn: str) -> SharedClient:
 
 
 async def _main(settings: AnalyticsSettings, host: str, port: int) -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    stop = stop_on_signals()
     dsn = settings.resolved_clickhouse_dsn()
     if is_embedded(dsn):
         log.warning("analytics service on an embedded store: the control plane must not be "

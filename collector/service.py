@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -21,6 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
 from apigw import logs
 from apigw.logs import error_text
+from apigw.signals import stop_on_signals
 from collector.clickhouse import SharedClient, is_embedded, redact_dsn
 from collector.consumer import Collector
 from collector.schema import apply_retention, migrate
@@ -139,10 +139,7 @@ async def run_service(settings: CollectorSettings, host: str, port: int,
 
 
 async def _main(settings: CollectorSettings, host: str, port: int) -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    stop = stop_on_signals()
     await run_service(settings, host, port, stop)
 
 

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 from apigw.logs import configure, error_text, new_event_loop
+from apigw.signals import stop_on_signals
 from proxy.config import ConfigError, GatewayConfig, load_config
 from proxy.reload import watch_file
 from proxy.settings import ProxySettings, parse_listen
@@ -188,14 +189,6 @@ def listener_tls(live: LiveGateway) -> ssl.SSLContext | None:
     return TlsListener(server_context(config), current).context
 
 
-def _stop_event() -> asyncio.Event:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    return stop
-
-
 async def _serve_gateway(config: GatewayConfig, settings: ProxySettings,
                          redis: aioredis.Redis, stop: asyncio.Event,
                          on_ready: Callable[[LiveGateway], Any], reuse_port: bool,
@@ -253,7 +246,7 @@ async def _run_single(config: GatewayConfig, settings: ProxySettings,
 
     from proxy.admin import build_admin_app, config_document
 
-    stop = _stop_event()
+    stop = stop_on_signals()
     redis = make_redis(settings)
     admin: web.AppRunner | None = None
     try:
@@ -304,7 +297,7 @@ def _worker_main(config: GatewayConfig, settings: ProxySettings, ready: ProcessE
 
 async def _run_worker(config: GatewayConfig, settings: ProxySettings,
                       ready: ProcessEvent, config_path: Path | None) -> int:
-    stop = _stop_event()
+    stop = stop_on_signals()
     redis = make_redis(settings)
 
     async def on_ready(live: LiveGateway) -> None:
@@ -363,7 +356,7 @@ class _Supervisor:
         from proxy.admin import build_admin_app, config_document
         from proxy.metrics import WORKERS
 
-        stop = _stop_event()
+        stop = stop_on_signals()
         redis = make_redis(self.settings)
         self._redis = redis
         admin: web.AppRunner | None = None

@@ -22,7 +22,6 @@ import argparse
 import asyncio
 import contextlib
 import random
-import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -32,6 +31,7 @@ import aiohttp
 
 from apigw.demo import ABUSER, INCIDENT_ROUTE, STUFFING_AFTER
 from apigw.demo.credentials import Tokens, bad_credential, credential_headers
+from apigw.signals import stop_on_signals
 
 NORMAL = "normal"
 ANONYMOUS = "anonymous"
@@ -310,10 +310,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                       duration=args.duration, report_every=args.report_every, seed=args.seed)
 
     async def run() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
+        stop = stop_on_signals()
         await Traffic(options).run(stop)
 
     asyncio.run(run())

@@ -15,7 +15,6 @@ import argparse
 import asyncio
 import contextlib
 import random
-import signal
 import sys
 import time
 from collections import deque
@@ -23,6 +22,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from aiohttp import web
+
+from apigw.signals import stop_on_signals
 
 SERVICES = ("orders", "users", "catalog")
 DEFAULT_PORTS = (9101, 9102, 9103)
@@ -257,10 +258,7 @@ async def _serve(args: argparse.Namespace) -> int:
         return 2
     for name, port in zip(SERVICES, ports, strict=True):
         print(f"{name} listening on http://{args.host}:{port}", flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    stop = stop_on_signals()
     last: dict[str, tuple[int, int]] = {}
     try:
         while not stop.is_set():
