@@ -14,10 +14,10 @@ import pytest
 from aiohttp import web
 from multidict import CIMultiDict
 
-from apigw.redis_server import free_port
 from proxy.cache_step import CacheStep
 from proxy.config import GatewayConfig
 from tests import test_proxy as _proxy_tests
+from tests.http_servers import serving
 from tests.test_proxy import GatewayFactory, read_events
 
 client = _proxy_tests.client  # fixture
@@ -79,15 +79,8 @@ async def origin() -> AsyncIterator[Origin]:
     app.router.add_get("/d/{name}", directive)
     app.router.add_get("/vary", vary)
     app.router.add_get("/sized", sized)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    state.url = f"http://127.0.0.1:{port}"
-    try:
+    async with serving(app) as state.url:
         yield state
-    finally:
-        await runner.cleanup()
 
 
 def cached_config(url: str, **cache: Any) -> GatewayConfig:

@@ -15,9 +15,9 @@ import orjson
 import pytest
 from aiohttp import web
 
-from apigw.redis_server import free_port
 from proxy.config import GatewayConfig
 from tests import test_proxy as _proxy_tests
+from tests.http_servers import serving
 from tests.test_cache import cached_config, get
 from tests.test_proxy import GatewayFactory, read_events
 
@@ -61,15 +61,8 @@ async def slow() -> AsyncIterator[SlowOrigin]:
 
     app = web.Application()
     app.router.add_get("/slow/{name}", answer)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    state.url = f"http://127.0.0.1:{port}"
-    try:
+    async with serving(app) as state.url:
         yield state
-    finally:
-        await runner.cleanup()
 
 
 async def burst(client: aiohttp.ClientSession, url: str, count: int = CONCURRENCY,

@@ -14,9 +14,9 @@ import orjson
 import pytest
 from aiohttp import web
 
-from apigw.redis_server import free_port
 from proxy.config import GatewayConfig
 from tests import test_proxy as _proxy_tests
+from tests.http_servers import serving
 from tests.test_cache import get
 from tests.test_proxy import GatewayFactory
 
@@ -57,15 +57,8 @@ async def resources() -> AsyncIterator[Resources]:
     app = web.Application()
     app.router.add_route("GET", "/{tail:.*}", read)
     app.router.add_route("*", "/{tail:.*}", write)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    state.url = f"http://127.0.0.1:{port}"
-    try:
+    async with serving(app) as state.url:
         yield state
-    finally:
-        await runner.cleanup()
 
 
 def resources_config(url: str, backend: str = "memory", **cache: Any) -> GatewayConfig:

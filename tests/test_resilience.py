@@ -18,6 +18,7 @@ from apigw.redis_server import free_port
 from proxy.config import GatewayConfig
 from proxy.resilience import CircuitBreaker, CircuitBreakerConfig, Retry, RetryPolicy
 from tests import test_proxy as _proxy_tests
+from tests.http_servers import serving
 from tests.test_proxy import GatewayFactory, read_events
 
 client = _proxy_tests.client  # fixture
@@ -50,15 +51,8 @@ async def flaky() -> AsyncIterator[Flaky]:
 
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", handler)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    state.url = f"http://127.0.0.1:{port}"
-    try:
+    async with serving(app) as state.url:
         yield state
-    finally:
-        await runner.cleanup()
 
 
 def config(upstream: dict[str, Any], **route: Any) -> GatewayConfig:
