@@ -437,8 +437,10 @@ SELECT
     multiIf(number % 97 = 0, 503, number % 31 = 0, 429, 200),
     1 + (number % 300) / 7,
     ['orders-get', 'orders-create', 'users-get', 'catalog-list', 'catalog-item'][number % 5 + 1],
-    ['/orders/{{id}}', '/orders', '/users/{{id}}', '/catalog/items',
-     '/catalog/items/{{sku}}'][number % 5 + 1],
+    -- braces spelled as char(): a literal '{' would start a query parameter
+    ['/orders/' || char(123) || 'id' || char(125), '/orders',
+     '/users/' || char(123) || 'id' || char(125), '/catalog/items',
+     '/catalog/items/' || char(123) || 'sku' || char(125)][number % 5 + 1],
     concat('client-', toString(number % 500)),
     concat('10.0.', toString(number % 13), '.', toString(number % 251)),
     512, 'success', lower(hex(sipHash128(number, 1)))
