@@ -476,7 +476,10 @@ def dashboard_command(listen: str) -> list[str]:
     return [sys.executable, "-m", "streamlit", "run", str(dashboard_app_path()),
             "--server.address", host, "--server.port", str(port),
             "--server.headless", "true", "--browser.gatherUsageStats", "false",
-            "--client.toolbarMode", "viewer"]
+            "--client.toolbarMode", "viewer",
+            # a deployed dashboard does not edit its own source: no watcher walking every
+            # imported module after each script run
+            "--server.fileWatcherType", "none", "--server.runOnSave", "false"]
 
 
 def _run_dashboard(args: argparse.Namespace) -> NoReturn:
