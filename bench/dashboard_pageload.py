@@ -65,11 +65,12 @@ from dashboard.client import ApiClient  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 TARGET_S = 1.0
-LOAD_TIMEOUT_S = 60.0
+LOAD_TIMEOUT_S = 20.0
 POLL_S = 0.05
 DATAFRAME = '[data-testid="stDataFrame"] canvas'
 CHART = '[data-testid="stVegaLiteChart"] canvas, [data-testid="stVegaLiteChart"] svg.marks'
 METRIC = '[data-testid="stMetric"]'
+TABLE = '[data-testid="stTable"] table'
 
 
 @dataclass(frozen=True)
@@ -80,16 +81,18 @@ class Page:
     expect: list[tuple[str, int]]  # CSS selector, at least this many
 
 
-def pages() -> list[Page]:
+def pages(only: frozenset[str] = frozenset()) -> list[Page]:
+    """The pages timed: all, or those named in `only`."""
     endpoint = " ".join(ENDPOINT)
-    return [
+    every = [
         Page("overview", "/?", "Overview", [(METRIC, 5), (DATAFRAME, 1)]),
         Page("investigate", "/investigate?" + urllib.parse.urlencode({"endpoint": endpoint})
-             + "&", "Investigate", [(CHART, 4), (DATAFRAME, 6)]),
+             + "&", "Investigate", [(CHART, 4), (TABLE, 5), (DATAFRAME, 1)]),
         Page("security", "/security?", "Security review", [(METRIC, 3)]),
         Page("policies", "/policies?", "Policies", [(DATAFRAME, 4)]),
         Page("audit", "/audit?", "Audit", [(DATAFRAME, 1)]),
     ]
+    return [page for page in every if not only or page.name in only]
 
 
 # Runs before the page's own scripts on every new document; fills window.__apigwMarks with
@@ -158,7 +161,7 @@ def api_histogram(api_url: str) -> tuple[float, int]:
     return total, count
 
 
-async def load(devtools: DevTools, url: str, api_url: str, reload: bool,
+async def load(devtools: DevTools, url: str, api_url: str, reload: bool, page: Page,
                ) -> tuple[float | None, dict[str, Any], float, int]:
     before = await asyncio.to_thread(api_histogram, api_url)
     if reload:
@@ -179,12 +182,14 @@ async def load(devtools: DevTools, url: str, api_url: str, reload: bool,
             break
     else:
         marks["timeout"] = LOAD_TIMEOUT_S * 1000
+        marks["found"] = {css: await devtools.evaluate(
+            f"document.querySelectorAll({json.dumps(css)}).length") for css, _ in page.expect}
     after = await asyncio.to_thread(api_histogram, api_url)
     return (marks.get("ready"), marks, (after[0] - before[0]) * 1000, after[1] - before[1])
 
 
 async def drive(chromium: str, dashboard: str, api_url: str, profile: Path,
-                ranges: list[int], rounds: int) -> list[Load]:
+                ranges: list[int], rounds: int, only: frozenset[str]) -> list[Load]:
     loads: list[Load] = []
     async with browser(chromium, profile) as devtools:
         await devtools.call("Network.enable")
@@ -193,7 +198,7 @@ async def drive(chromium: str, dashboard: str, api_url: str, profile: Path,
         # reported apart; rounds 1..N are measured
         for minutes in ranges:
             for number in range(0 if minutes == ranges[0] else 1, rounds + 1):
-                for page in pages():
+                for page in pages(only):
                     if script_id:
                         await devtools.call("Page.removeScriptToEvaluateOnNewDocument",
                                             identifier=script_id)
@@ -203,10 +208,12 @@ async def drive(chromium: str, dashboard: str, api_url: str, profile: Path,
                     url = f"{dashboard}{page.path}minutes={minutes}&tz=UTC"
                     for kind in ("first", "warm") if number else ("server-first",):
                         ready, marks, api_ms, calls = await load(devtools, url, api_url,
-                                                                 reload=kind == "warm")
+                                                                 reload=kind == "warm",
+                                                                 page=page)
                         error = (f"Streamlit exception: {marks['exception']}"
                                  if "exception" in marks else
-                                 "" if ready is not None else "not ready in time")
+                                 "" if ready is not None else
+                                 f"not ready in time (found: {marks.get('found')})")
                         loads.append(Load(page.name, minutes, kind, number, ready, marks,
                                           round(api_ms, 1), calls, error))
                         print(f"  {minutes:>5} min  round {number}  {page.name:<12} {kind:<5} "
@@ -223,7 +230,8 @@ def _median(values: list[float]) -> float | None:
     return statistics.median(values) if values else None
 
 
-def report(loads: list[Load], events: int, rounds: int) -> list[dict[str, Any]]:
+def report(loads: list[Load], events: int, rounds: int, only: frozenset[str],
+           ) -> list[dict[str, Any]]:
     summary: list[dict[str, Any]] = []
     started = [ld for ld in loads if ld.kind == "server-first"]
     if started:
@@ -232,7 +240,7 @@ def report(loads: list[Load], events: int, rounds: int) -> list[dict[str, Any]]:
                                                  for ld in started))
     for minutes in sorted({load.minutes for load in loads}):
         rows = []
-        for page in pages():
+        for page in pages(only):
             row: dict[str, Any] = {"page": page.name, "minutes": minutes}
             cells: list[Any] = [page.name]
             for kind in ("first", "warm"):
@@ -293,7 +301,12 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--first-run-timeout", type=float, default=300.0,
                         help="seconds to wait for the scheduler's first run before timing")
+    parser.add_argument("--pages", default="",
+                        help="only these pages (comma-separated names; default: all)")
     args = parser.parse_args()
+    only = frozenset(name for name in args.pages.split(",") if name)
+    if unknown := only - {page.name for page in pages()}:
+        parser.error(f"--pages: no page named {', '.join(sorted(unknown))}")
     chromium = find_chromium() or install_chromium()
     if chromium is None:
         print("bench: Chromium is missing and cannot be installed here (apt-get install "
@@ -334,10 +347,10 @@ def main() -> int:
                     url = f"http://127.0.0.1:{dash_port}"
                     wait_http(f"{url}/_stcore/health", dash_child, dash_log, timeout=60)
                     loads = asyncio.run(drive(chromium, url, api_url, tmp / "profile", ranges,
-                                              args.rounds))
+                                              args.rounds, only))
         finally:
             redis.stop()
-    summary = report(loads, args.events, args.rounds)
+    summary = report(loads, args.events, args.rounds, only)
     RESULTS.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     out = RESULTS / f"dashboard-pageload-{stamp}.json"

@@ -73,7 +73,8 @@ def open_page(url: str, monkeypatch: pytest.MonkeyPatch, page: str | None = None
 
 
 def frame_with(app: AppTest, column: str) -> pd.DataFrame:
-    frames = [element.value for element in app.dataframe if column in element.value.columns]
+    shown = [*app.table, *app.dataframe]
+    frames = [element.value for element in shown if column in element.value.columns]
     assert frames, f"no table with a {column!r} column"
     return frames[0]
 
