@@ -180,7 +180,8 @@ def test_dashboard_command_runs_streamlit_on_the_app() -> None:
     assert Path(command[4]) == ROOT / "dashboard" / "app.py"
     assert command[5:] == ["--server.address", "127.0.0.1", "--server.port", "8601",
                            "--server.headless", "true", "--browser.gatherUsageStats", "false",
-                           "--client.toolbarMode", "viewer"]
+                           "--client.toolbarMode", "viewer", "--server.fileWatcherType", "none",
+                           "--server.runOnSave", "false"]
 
 
 def _get(url: str) -> int:
