@@ -133,6 +133,26 @@ def test_investigate_deep_link_to_an_endpoint(api_url: str,
     assert app.query_params["endpoint"] == "users GET /users/{id}"
 
 
+def test_investigate_picks_another_endpoint_and_filters_requests(
+        api_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    app = open_page(api_url, monkeypatch, "investigate", endpoint="orders GET /orders/{id}",
+                    minutes="60")
+    assert len(frame_with(app, "trace_id")) == 50  # 150 requests, one page
+    assert frame_with(app, "worst p95 ms").loc["this window", "requests"] == 150
+    endpoint_box = next(box for box in app.selectbox if box.label == "Endpoint")
+    endpoint_box.set_value("users GET /users/{id}").run()
+    assert app.query_params["endpoint"] == "users GET /users/{id}"
+    assert frame_with(app, "worst p95 ms").loc["this window", "requests"] == 40
+    clients = frame_with(app, "client")
+    assert clients.to_dict("records")[0] == {**clients.to_dict("records")[0],
+                                             "client": "client-a", "requests": 40}
+    assert len(frame_with(app, "trace_id")) == 40
+    app.text_input(key="search-trace").set_value("trace-req-u-9-3").run()
+    requests = frame_with(app, "trace_id")
+    assert list(requests["trace_id"]) == ["trace-req-u-9-3"]
+    assert list(requests["client_id"]) == ["client-a"]
+
+
 def test_investigate_from_an_anomaly(api_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     app = open_page(api_url, monkeypatch, "investigate", anomaly=ANOMALY_ID)
     [banner] = app.error

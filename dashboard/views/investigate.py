@@ -30,6 +30,8 @@ from dashboard.common import (
 
 COMPARE = {"nothing": None, "a day earlier": "1d", "a week earlier": "1w"}
 PAGE_SIZE = 50
+STATUS_KEY, CLIENT_KEY, TRACE_KEY, PAGE_KEY = ("search-status", "search-client",
+                                               "search-trace", "search-page")
 
 
 def anomaly_span(anomaly: dict[str, Any], now: float) -> Span:
@@ -39,21 +41,75 @@ def anomaly_span(anomaly: dict[str, Any], now: float) -> Span:
                 end=min(now, anomaly["window_end"] + max(1800.0, length)))
 
 
-def choose(ctx: Context) -> tuple[str | None, Span, dict[str, Any] | None]:
-    """The endpoint, range and (when arriving from one) anomaly to show."""
+def during_of(span: Span, anomaly: dict[str, Any] | None, tz: Any) -> tuple[dict[str, Any],
+                                                                            str]:
+    """The range the shares are taken over, and how to say so: the range on screen, or since
+    the anomaly began (before = as long before that)."""
+    params = span.params()
+    if anomaly is None:
+        return params, "this range vs the same length before it"
+    return ({"from": round(anomaly["window_start"], 3), "to": params["to"]},
+            f"since {when(anomaly['window_start'], tz)[11:19]} (the anomaly) vs the same length "
+            "before it")
+
+
+def search_filters(anomaly: dict[str, Any] | None) -> dict[str, Any]:
+    """The request search's filters, from its widgets' state (read before they are drawn, so
+    the search goes out with the page's other reads)."""
+    status = st.session_state.get(STATUS_KEY, "5xx" if anomaly is not None else "any")
+    page = int(st.session_state.get(PAGE_KEY, 1))
+    return {"status": None if status == "any" else status,
+            "client": st.session_state.get(CLIENT_KEY) or None,
+            "trace_id": st.session_state.get(TRACE_KEY) or None,
+            "limit": PAGE_SIZE, "offset": (page - 1) * PAGE_SIZE}
+
+
+def endpoint_reads(ctx: Context, key: str, span: Span, anomaly: dict[str, Any] | None
+                   ) -> dict[str, Callable[[], Any]]:
+    """Every read the page makes for one endpoint. The series comes with each comparison
+    (`compare=1d`, `compare=1w`: this range's points plus the earlier window's), so the page
+    does not read this range a third time on its own."""
+    route_id, method, template = split_key(key)
+    endpoint = (route_id, method, template)
+    params, client = span.params(), ctx.client
+    during, _ = during_of(span, anomaly, ctx.tz)
+    return {
+        "flagged": partial(client.anomalies, params, route_id=route_id, method=method,
+                           route=template),
+        **{code: partial(client.timeseries, params, *endpoint, compare=code)
+           for code in ("1d", "1w")},
+        "status": partial(client.breakdown, during, *endpoint, "status"),
+        "clients": partial(client.top_clients, during, *endpoint),
+        "error_type": partial(client.breakdown, during, *endpoint, "error_type"),
+        "ips": partial(client.breakdown, during, *endpoint, "client_address"),
+        "requests": partial(client.requests, params, route_id=route_id, method=method,
+                            route=template, **search_filters(anomaly)),
+    }
+
+
+def choose(ctx: Context) -> tuple[str | None, Span, dict[str, Any] | None, dict[str, Any]]:
+    """The endpoint, range, anomaly (when arriving from one) and the endpoint's reads. With the
+    endpoint known from the address (a deep link, a reload), the endpoint list for the picker
+    is read together with the endpoint's reads, not before them."""
     anomaly_id = param("anomaly", "")
     if anomaly_id:
         anomaly = ctx.client.anomaly(anomaly_id)
-        return endpoint_key(anomaly["endpoint"]), anomaly_span(anomaly, time.time()), anomaly
-    keys = [endpoint_key(row) for row in ctx.client.endpoints(ctx.span.params())]
+        key, span = endpoint_key(anomaly["endpoint"]), anomaly_span(anomaly, time.time())
+        return key, span, anomaly, fetch_all(endpoint_reads(ctx, key, span, anomaly))
+    picker = st.empty()
     wanted = param("endpoint", "")
+    reads = fetch_all({"endpoints": partial(ctx.client.endpoints, ctx.span.params()),
+                       **(endpoint_reads(ctx, wanted, ctx.span, None) if wanted else {})})
+    keys = [endpoint_key(row) for row in reads["endpoints"]]
     if wanted and wanted not in keys:
         keys.insert(0, wanted)
     if not keys:
-        return None, ctx.span, None
-    key = st.selectbox("Endpoint", keys, index=keys.index(wanted) if wanted in keys else 0)
+        return None, ctx.span, None, {}
+    key = picker.selectbox("Endpoint", keys, index=keys.index(wanted) if wanted in keys else 0)
     st.query_params["endpoint"] = key
-    return key, ctx.span, None
+    if key != wanted:  # picked another one, or arrived without one
+        reads = fetch_all(endpoint_reads(ctx, key, ctx.span, None))
+    return key, ctx.span, None, reads
 
 
 def trim_leading_idle(data: pd.DataFrame, keep: int = 3) -> pd.DataFrame:
@@ -98,12 +154,10 @@ def totals(points: list[dict[str, Any]]) -> dict[str, float]:
 
 def render(ctx: Context) -> None:
     st.title("Investigate")
-    key, span, anomaly = choose(ctx)
+    key, span, anomaly, reads = choose(ctx)
     if key is None:
         st.info("No endpoint to investigate in this range.")
         return
-    route_id, method, template = split_key(key)
-    where = {"route_id": route_id, "method": method, "route": template}
     if anomaly is not None:
         st.error(f"**{anomaly['severity']} {anomaly['kind']}** on `{key}` from "
                  f"{when(anomaly['window_start'], ctx.tz)} to "
@@ -120,23 +174,8 @@ def render(ctx: Context) -> None:
         st.query_params["compare"] = compare
     elif "compare" in st.query_params:
         del st.query_params["compare"]
-    params = span.params()
-    during, during_label = params, "this range vs the same length before it"
-    if anomaly is not None:  # during = since the anomaly began; before = as long before that
-        during = {"from": round(anomaly["window_start"], 3), "to": params["to"]}
-        during_label = (f"since {when(anomaly['window_start'], ctx.tz)[11:19]} (the anomaly) "
-                        "vs the same length before it")
-    client, endpoint = ctx.client, (route_id, method, template)
-    reads = fetch_all({
-        "series": partial(client.timeseries, params, *endpoint, compare=compare),
-        "flagged": partial(client.anomalies, params, **where),
-        **{code: partial(client.timeseries, params, *endpoint, compare=code)
-           for code in ("1d", "1w") if code != compare},
-        "status": partial(client.breakdown, during, *endpoint, "status"),
-        "clients": partial(client.top_clients, during, *endpoint),
-        "error_type": partial(client.breakdown, during, *endpoint, "error_type"),
-        "ips": partial(client.breakdown, during, *endpoint, "client_address")})
-    series = reads["series"]
+    _, during_label = during_of(span, anomaly, ctx.tz)
+    series = reads[compare or "1d"]
     st.caption(f"`{key}` · {span.label(ctx.tz)} · resolution {series['step_s']} s · "
                "shaded: anomaly windows · grey band: rolling baseline")
     data = pd.DataFrame(series["points"])
@@ -165,7 +204,7 @@ def render(ctx: Context) -> None:
     now_totals = totals(series["points"])
     rows = {"this window": now_totals}
     for name, code in (("a day earlier", "1d"), ("a week earlier", "1w")):
-        rows[name] = totals((series if compare == code else reads[code])["compare_points"])
+        rows[name] = totals(reads[code]["compare_points"])
     st.table(pd.DataFrame(rows).T.style.format({"5xx rate": "{:.2%}", "requests": "{:,.0f}",
                                                 "5xx": "{:,.0f}", "429s": "{:,.0f}",
                                                 "auth failures": "{:,.0f}",
@@ -187,14 +226,13 @@ def render(ctx: Context) -> None:
 
     st.subheader("Example requests")
     cols = st.columns([1, 2, 2, 1])
-    status = cols[0].selectbox("Status", ["any", "5xx", "4xx", "429", "2xx"],
-                               index=1 if anomaly is not None else 0)
-    who = cols[1].text_input("Client (id or address)", "")
-    trace = cols[2].text_input("Trace id", "")
-    page = int(cols[3].number_input("Page", min_value=1, max_value=2000, value=1))
-    found = ctx.client.requests(params, **where, status=None if status == "any" else status,
-                                client=who or None, trace_id=trace or None, limit=PAGE_SIZE,
-                                offset=(page - 1) * PAGE_SIZE)
+    statuses = ["any", "5xx", "4xx", "429", "2xx"]
+    cols[0].selectbox("Status", statuses, index=1 if anomaly is not None else 0, key=STATUS_KEY)
+    cols[1].text_input("Client (id or address)", "", key=CLIENT_KEY)
+    cols[2].text_input("Trace id", "", key=TRACE_KEY)
+    page = int(cols[3].number_input("Page", min_value=1, max_value=2000, value=1,
+                                    key=PAGE_KEY))
+    found = reads["requests"]
     frame = pd.DataFrame(found["requests"])
     if frame.empty:
         st.info("No request matches.")
