@@ -481,15 +481,13 @@ class Queries:
         if compare is None or not found:
             return found
         earlier = {**compare.params(), **filters, "clients": [row.client for row in found]}
-        total = await self.rows(
-            "SELECT sum(requests) AS n FROM events_client_1m "
-            f"WHERE {_where([*_MINUTE_RANGE, *where])}", earlier)
-        counts = await self.rows(
-            "SELECT client, sum(requests) AS n FROM events_client_1m "
-            f"WHERE {_where([*_MINUTE_RANGE, *where, 'client IN {clients:Array(String)}'])} "
-            "GROUP BY client", earlier)
+        counts = await self.rows(  # the earlier total and these clients' counts in one scan
+            "SELECT client, n, total FROM (SELECT client, sum(requests) AS n, "
+            "sum(sum(requests)) OVER () AS total FROM events_client_1m "
+            f"WHERE {_where([*_MINUTE_RANGE, *where])} GROUP BY client) "
+            "WHERE client IN {clients:Array(String)}", earlier)
         return _compared(found, {row["client"]: int(row["n"]) for row in counts},
-                         int(total[0]["n"]) if total else 0, "client")
+                         int(counts[0]["total"]) if counts else 0, "client")
 
     async def breakdown(self, rng: TimeRange, endpoint: EndpointFilter,
                         by: BreakdownDimension, limit: int = 20,
@@ -507,14 +505,13 @@ class Queries:
         if compare is None or not found:
             return found
         earlier = {**compare.params(), **filters, "values": [row.value for row in found]}
-        total = await self.rows(
-            f"SELECT count() AS n FROM events WHERE {_where([*where, *_EVENT_RANGE])}", earlier)
-        counts = await self.rows(
-            f"SELECT {expression} AS value, count() AS n FROM events "
-            f"WHERE {_where([*where, *_EVENT_RANGE])} "
-            "GROUP BY value HAVING value IN {values:Array(String)}", earlier)
+        counts = await self.rows(  # the earlier total and these values' counts in one scan
+            f"SELECT value, n, total FROM (SELECT {expression} AS value, count() AS n, "
+            "sum(count()) OVER () AS total FROM events "
+            f"WHERE {_where([*where, *_EVENT_RANGE])} GROUP BY value) "
+            "WHERE value IN {values:Array(String)}", earlier)
         return _compared(found, {str(row["value"]): int(row["n"]) for row in counts},
-                         int(total[0]["n"]) if total else 0, "value")
+                         int(counts[0]["total"]) if counts else 0, "value")
 
     async def client_windows(self, rng: TimeRange, route_id: str, method: str | None,
                              client: str, step_s: int) -> list[int]:

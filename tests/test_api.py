@@ -755,6 +755,21 @@ async def test_compare_with_earlier_windows(live: Live) -> None:
     rows = {row["value"]: row for row in status["rows"]}
     assert (rows["500"]["requests"], rows["500"]["compare_requests"]) == (15, 0)
     assert rows["500"]["compare_share"] == 0.0
+    # the shares before are those of the earlier window read on its own
+    for kind, listing, key in (("breakdown", "rows", "value"),
+                               ("top-clients", "clients", "client")):
+        now = await live.ok("GET", f"/api/v1/endpoints/{kind}?route_id=orders&minutes=5"
+                                   "&compare=prev")
+        alone = await live.ok("GET", f"/api/v1/endpoints/{kind}?route_id=orders"
+                                     f"&from={now['compare_start']}&to={now['compare_end']}")
+        before = {row[key]: row for row in alone[listing]}
+        assert before
+        assert any(row["compare_share"] for row in now[listing])
+        for row in now[listing]:
+            assert row["compare_share"] == pytest.approx(
+                before[row[key]]["share"] if row[key] in before else 0.0)
+            assert row["compare_requests"] == (
+                before[row[key]]["requests"] if row[key] in before else 0)
     series = await live.ok("GET", "/api/v1/endpoints/timeseries?route_id=orders&minutes=5"
                                   "&compare=1w")
     assert series["compare_offset_s"] == 7 * 86_400
