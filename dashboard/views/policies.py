@@ -56,9 +56,9 @@ def controls(ctx: Context, engaged: bool, modes: dict[str, str]) -> None:
                        "kill switch changed")
     with right:
         st.markdown("**Auto mode per route group** (`*` = the default)")
-        st.dataframe(pd.DataFrame([{"group": g, "mode": m} for g, m in modes.items()]
-                                  or [{"group": "*", "mode": "(from settings)"}]),
-                     hide_index=True)
+        st.table(pd.DataFrame([{"group": g, "mode": m} for g, m in modes.items()]
+                              or [{"group": "*", "mode": "(from settings)"}]
+                              ).style.hide(axis="index"))
         cols = st.columns(2)
         group = cols[0].text_input("Route group", "*", key="mode-group")
         mode = cols[1].selectbox("Mode", MODES, key="mode-value")
@@ -155,10 +155,10 @@ def history(ctx: Context, views: list[dict[str, Any]]) -> None:
     older = cols[1].selectbox("with version", numbers, index=1, key="diff-from")
     diff = ctx.client.policy_diff(chosen, older, newer)
     if diff["changes"]:
-        st.dataframe(pd.DataFrame([{
+        st.table(pd.DataFrame([{
             "field": c["field"], f"v{older}": shown(c["field"], c["before"], ctx),
-            f"v{newer}": shown(c["field"], c["after"], ctx)} for c in diff["changes"]]),
-            hide_index=True)
+            f"v{newer}": shown(c["field"], c["after"], ctx)} for c in diff["changes"]]
+            ).style.hide(axis="index"))
     else:
         st.caption("No difference.")
     target = versions[1]["version"]
