@@ -49,6 +49,7 @@ from yarl import URL
 
 from proxy.balancing import Endpoint
 from proxy.config import Route
+from proxy.direct_response import send_buffered
 from proxy.limits import BodyTooLarge, RouteLimits, header_bytes
 from proxy.listener import ClientBodyTimeout
 from proxy.pool import UpstreamPool
@@ -193,6 +194,18 @@ def response_headers(upstream: CIMultiDictProxy[str], extra: Mapping[str, str],
     headers.add("Via", f"{via}, {VIA}" if via else VIA)
     headers.update(extra)
     return headers
+
+
+def small_response_headers(upstream: CIMultiDictProxy[str]) -> list[tuple[str, str]]:
+    """The upstream headers a buffered response keeps (its length is re-sent), plus Via."""
+    named = _connection_tokens(upstream)
+    drop = _RESPONSE_DROPPED_SMALL
+    pairs = [(name, value) for name, value in upstream.items()
+             if not ((lower := name.lower()) in drop or lower.startswith("proxy-")
+                     or (named and lower in named))]
+    via = upstream.get("Via")
+    pairs.append(("Via", f"{via}, {VIA}" if via else VIA))
+    return pairs
 
 
 # --- errors -----------------------------------------------------------------------------------
@@ -492,13 +505,10 @@ class Forwarder:
                 body = content.read_nowait() if content.is_eof() else await content.read()
             except (UpstreamError, aiohttp.ClientError, TimeoutError) as exc:  # cut: 502/504
                 return await self._failure(ex, exc, classify(exc)[0])
-            headers = response_headers(upstream.headers, ex.response_headers, keep_length=False)
             event.http_response_body_size = len(body)
-            small = web.Response(status=status, reason=upstream.reason, headers=headers,
-                                 body=body)
-            await small.prepare(request)
-            await small.write_eof()
-            return small
+            return await send_buffered(request, status, upstream.reason or "",
+                                       small_response_headers(upstream.headers),
+                                       ex.response_headers, body)
         headers = response_headers(upstream.headers, ex.response_headers, keep_length=True)
         stream = web.StreamResponse(status=status, reason=upstream.reason, headers=headers)
         await stream.prepare(request)
