@@ -32,6 +32,7 @@ from prometheus_client import Counter, Gauge
 
 from proxy.degrade import DegradeGate
 from proxy.policy import Algorithm, Policy, QuotaPeriod, RedisKeys
+from proxy.redis_lane import LaneScript, RedisLane
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,8 @@ class RateLimitUnavailable(Exception):
 class RateLimiter(Protocol):
     async def check(self, policy: Policy, key: str, cost: int = 1) -> Decision: ...
 
+    async def close(self) -> None: ...
+
 
 def state_key(key: str) -> str:
     """The client key as it appears in state keys: long ones hashed, so size is bounded."""
@@ -118,10 +121,14 @@ class RedisRateLimiter:
 
     def __init__(self, redis: aioredis.Redis, keys: RedisKeys) -> None:
         self._keys = keys
-        self._script = redis.register_script(GCRA_SCRIPT)  # EVALSHA, reloads on NOSCRIPT
-        self._sliding = redis.register_script(SLIDING_SCRIPT)
-        self._quota = redis.register_script(QUOTA_SCRIPT)
+        self._lane = RedisLane(redis)  # one pipelined connection (proxy/redis_lane.py)
+        self._script = LaneScript(GCRA_SCRIPT)
+        self._sliding = LaneScript(SLIDING_SCRIPT)
+        self._quota = LaneScript(QUOTA_SCRIPT)
         self._periods = QuotaPeriods()
+
+    async def close(self) -> None:
+        await self._lane.close()
 
     async def check(self, policy: Policy, key: str, cost: int = 1) -> Decision:
         if policy.quota_period is not None:
@@ -129,12 +136,12 @@ class RedisRateLimiter:
         redis_key = self._keys.ratelimit(policy.id, policy.version, state_key(key))
         reply: Any
         if policy.algorithm is Algorithm.SLIDING_WINDOW:
-            reply = await self._sliding(keys=[redis_key], args=[
+            reply = await self._lane.run(self._sliding, [redis_key], [
                 round(policy.window_s * 1_000_000), policy.limit, cost])
         else:
             interval_us = policy.window_s * 1_000_000 / policy.limit
-            reply = await self._script(keys=[redis_key],
-                                       args=[repr(interval_us), _burst(policy), cost])
+            reply = await self._lane.run(self._script, [redis_key],
+                                         [repr(interval_us), _burst(policy), cost])
         allowed, remaining, retry_us, reset_us = (int(value) for value in reply)
         decision = Decision(allowed=allowed == 1, limit=policy.limit, remaining=remaining,
                             retry_after_s=retry_us / 1e6, reset_after_s=reset_us / 1e6,
@@ -148,7 +155,8 @@ class RedisRateLimiter:
         label, end = self._periods.current(period, now)
         redis_key = self._keys.quota(policy.id, policy.version, state_key(key), label)
         expire_at_ms = int((end + _QUOTA_GRACE_S) * 1000)
-        reply: Any = await self._quota(keys=[redis_key], args=[policy.limit, cost, expire_at_ms])
+        reply: Any = await self._lane.run(self._quota, [redis_key],
+                                          [policy.limit, cost, expire_at_ms])
         allowed, remaining = (int(value) for value in reply)
         left = max(0.0, end - now)
         decision = Decision(allowed == 1, policy.limit, remaining,
@@ -174,6 +182,9 @@ class LocalRateLimiter:
         self._windows: OrderedDict[tuple[str, int, str], tuple[int, int, int]] = OrderedDict()
         self._quotas: OrderedDict[tuple[str, int, str], tuple[str, int]] = OrderedDict()
         self._periods = QuotaPeriods()
+
+    async def close(self) -> None:
+        return None
 
     def __len__(self) -> int:
         return len(self._state) + len(self._windows) + len(self._quotas)
@@ -295,29 +306,53 @@ class HybridRateLimiter:
     requests, and a reserved token may be used up to `lease_s` after it was counted.
     A denial is remembered until its retry_after, so a client hammering a limited key costs
     no Redis round trips either. Concurrent requests for one key share one reservation.
+
+    Refill ahead: once a check leaves at most half a batch held, a top-up of (batch - held)
+    is reserved in the background, so a busy key's requests rarely wait on Redis. It never
+    holds more than a batch (the bound above stands). A failed or refused top-up changes
+    nothing: the held tokens are spent and the next check reserves in the foreground,
+    through the failover limiter's timeout and degraded mode.
     """
 
     def __init__(self, redis_limiter: RateLimiter, batch: int = 10, lease_s: float = 1.0,
-                 max_keys: int = 100_000) -> None:
-        if batch < 1 or lease_s <= 0 or max_keys < 1:
-            raise ValueError("batch and max_keys must be at least 1, lease_s positive")
+                 max_keys: int = 100_000, refill_timeout_s: float = 0.25) -> None:
+        if batch < 1 or lease_s <= 0 or max_keys < 1 or refill_timeout_s <= 0:
+            raise ValueError("batch and max_keys must be at least 1, lease_s and "
+                             "refill_timeout_s positive")
         self._redis = redis_limiter
         self.batch = batch
         self.lease_s = lease_s
         self.max_keys = max_keys
+        self.refill_timeout_s = refill_timeout_s
         self._held: OrderedDict[tuple[str, int, str], _Held] = OrderedDict()
         self._pending: dict[tuple[str, int, str], asyncio.Future[None]] = {}
+        self._refills: set[asyncio.Task[None]] = set()
 
     def batch_for(self, policy: Policy) -> int:
         """Reservation size: at most a quarter of the burst, so small limits stay exact."""
         return max(1, min(self.batch, _burst(policy) // 4))
+
+    async def close(self) -> None:
+        for task in list(self._refills):
+            task.cancel()
+        await asyncio.gather(*self._refills, return_exceptions=True)
+        await self._redis.close()
+
+    def held_tokens(self, policy: Policy, key: str) -> int:
+        """Tokens this worker holds for the key (0 when none)."""
+        held = self._held.get((policy.id, policy.version, state_key(key)))
+        return held.tokens if held is not None else 0
 
     def check_held(self, policy: Policy, key: str, cost: int = 1) -> Decision | None:
         """The answer from tokens or a denial already held, without touching Redis; None when
         a reservation (or a quota, never reserved) needs Redis."""
         if policy.quota_period is not None:
             return None
-        return self._local((policy.id, policy.version, state_key(key)), policy, cost)
+        slot = (policy.id, policy.version, state_key(key))
+        decision = self._local(slot, policy, cost)
+        if decision is not None and decision.allowed:
+            self._refill_ahead(slot, policy, key)
+        return decision
 
     async def check(self, policy: Policy, key: str, cost: int = 1) -> Decision:
         if policy.quota_period is not None:  # reserved quota would be lost for the period
@@ -326,6 +361,8 @@ class HybridRateLimiter:
         while True:  # each pass either finds tokens, a denial, or starts a reservation
             local = self._local(slot, policy, cost)
             if local is not None:
+                if local.allowed:
+                    self._refill_ahead(slot, policy, key)
                 return local
             pending = self._pending.get(slot)
             if pending is None:
@@ -347,6 +384,41 @@ class HybridRateLimiter:
             return Decision(True, policy.limit, held.remaining + held.tokens, 0.0,
                             max(0.0, held.reset_at - now), "redis")
         return None
+
+    def _refill_ahead(self, slot: tuple[str, int, str], policy: Policy, key: str) -> None:
+        held = self._held.get(slot)
+        if held is None or slot in self._pending:
+            return
+        batch = self.batch_for(policy)
+        if batch < 2 or held.tokens * 2 > batch:
+            return
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pending[slot] = future
+        task = asyncio.get_running_loop().create_task(
+            self._top_up(slot, policy, key, batch - held.tokens, future))
+        self._refills.add(task)
+        task.add_done_callback(self._refills.discard)
+
+    async def _top_up(self, slot: tuple[str, int, str], policy: Policy, key: str, size: int,
+                      future: asyncio.Future[None]) -> None:
+        try:
+            async with asyncio.timeout(self.refill_timeout_s):
+                decision = await self._redis.check(policy, key, size)
+            held = self._held.get(slot)
+            now = time.monotonic()
+            if decision.allowed and held is not None and now < held.lease_until:
+                held.tokens += size
+                held.lease_until = now + self.lease_s
+                held.remaining = decision.remaining
+                held.reset_at = now + decision.reset_after_s
+                self._held.move_to_end(slot)
+        except Exception as exc:  # the foreground path retries with failover; only count it
+            BACKEND_ERRORS.inc()
+            log.debug("hybrid refill failed", extra={"policy": policy.id,
+                                                     "error": type(exc).__name__})
+        finally:
+            del self._pending[slot]
+            future.set_result(None)
 
     async def _reserve(self, slot: tuple[str, int, str], policy: Policy, key: str,
                        cost: int) -> Decision:
@@ -407,6 +479,9 @@ class FailoverRateLimiter:
     @property
     def degraded(self) -> bool:
         return self._gate.degraded
+
+    async def close(self) -> None:
+        await self._redis.close()
 
     @property
     def last_error(self) -> str:

@@ -60,7 +60,8 @@ def build_limiter(config: RateLimit, redis: aioredis.Redis, keys: RedisKeys, *, 
     if config.backend == "local":
         primary = local
     elif config.backend == "hybrid":
-        primary = HybridRateLimiter(RedisRateLimiter(redis, keys), batch=config.hybrid_batch)
+        primary = HybridRateLimiter(RedisRateLimiter(redis, keys), batch=config.hybrid_batch,
+                                    refill_timeout_s=timeout_s)
     else:
         primary = RedisRateLimiter(redis, keys)
     return FailoverRateLimiter(primary, local, fail_mode=config.fail_mode, timeout_s=timeout_s)

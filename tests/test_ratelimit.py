@@ -225,6 +225,55 @@ async def test_hybrid_workers_stay_within_the_documented_bound(redis_url: str) -
             await client.aclose()
 
 
+async def test_hybrid_refills_ahead_so_a_busy_key_rarely_waits_and_never_holds_more_than_a_batch(
+        redis_client: aioredis.Redis) -> None:
+    batch = 10
+    backend = _CountingLimiter(RedisRateLimiter(redis_client, RedisKeys("t")))
+    limiter = HybridRateLimiter(backend, batch=batch)
+    policy = _policy(limit=1000, window_s=60)
+    answered_locally = 0
+    for _ in range(200):
+        if limiter.check_held(policy, "busy") is not None:
+            answered_locally += 1
+        else:
+            assert (await limiter.check(policy, "busy")).allowed
+        assert limiter.held_tokens(policy, "busy") <= batch
+        for _ in range(5):  # room for a refill's round trip, as other requests would give
+            await asyncio.sleep(0)
+    assert answered_locally >= 195, answered_locally
+    assert backend.calls <= 200 // (batch // 2) + 2, backend.calls
+    counted = await RedisRateLimiter(redis_client, RedisKeys("t")).check(policy, "busy", 0)
+    assert 1000 - 200 - batch <= counted.remaining <= 1000 - 200  # reserved, never over
+
+
+class _FailingLimiter:
+    def __init__(self, inner: RedisRateLimiter) -> None:
+        self.inner = inner
+        self.fail = False
+
+    async def check(self, policy: Policy, key: str, cost: int = 1) -> Decision:
+        if self.fail:
+            raise ConnectionError("redis went away")
+        return await self.inner.check(policy, key, cost)
+
+
+async def test_hybrid_failed_refill_spends_what_it_holds_then_asks_in_the_foreground(
+        redis_client: aioredis.Redis) -> None:
+    backend = _FailingLimiter(RedisRateLimiter(redis_client, RedisKeys("t")))
+    limiter = HybridRateLimiter(backend, batch=10)
+    policy = _policy(limit=1000, window_s=60)
+    assert (await limiter.check(policy, "k")).allowed  # reserves 10, spends 1
+    backend.fail = True
+    spent_locally = 0
+    while (decision := limiter.check_held(policy, "k")) is not None:
+        assert decision.allowed
+        spent_locally += 1
+        await asyncio.sleep(0)
+    assert spent_locally == 9  # the failed refills took nothing away
+    with pytest.raises(ConnectionError):  # the failover limiter above decides from here
+        await limiter.check(policy, "k")
+
+
 async def test_hybrid_small_limits_stay_exact(redis_client: aioredis.Redis) -> None:
     limiter = HybridRateLimiter(RedisRateLimiter(redis_client, RedisKeys("t")), batch=10)
     policy = _policy(limit=3, window_s=60)  # burst 3 -> batch 1: exact
