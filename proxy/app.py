@@ -231,6 +231,7 @@ class Gateway:
         """Release upstream pools and background tasks, then flush the events."""
         self.stopping = True
         await self.policies.stop()
+        await self.limiter.close()
         await self.authn.stop()
         await self.forwarder.close()
         if self.emitter is not None:

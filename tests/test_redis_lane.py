@@ -1,0 +1,105 @@
+"""The rate limiter's pipelined Redis lane against real redis-servers."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+
+from apigw.redis_server import RedisServer
+from proxy.redis_lane import LaneScript, RedisLane
+
+ECHO = LaneScript("return {KEYS[1], ARGV[1], redis.call('INCR', KEYS[1])}")
+SLOW = LaneScript("""
+local started = redis.call('TIME')
+local now = started
+while (now[1] - started[1]) * 1000000 + (now[2] - started[2]) < tonumber(ARGV[1]) do
+  now = redis.call('TIME')
+end
+return 1
+""")
+
+
+async def test_concurrent_calls_share_one_connection_and_each_gets_its_own_answer(
+        redis_client: aioredis.Redis) -> None:
+    lane = RedisLane(redis_client)
+    try:
+        replies = await asyncio.gather(*(lane.run(ECHO, [f"k{n % 7}"], [n])
+                                         for n in range(500)))
+        assert [(key, int(arg)) for key, arg, _ in replies] == \
+            [(f"k{n % 7}".encode(), n) for n in range(500)]
+        for index in range(7):  # each key incremented once per call, in call order
+            counts = [count for key, _, count in replies if key == f"k{index}".encode()]
+            assert counts == list(range(1, len(counts) + 1))
+        clients = await redis_client.client_list()
+        assert len(clients) == 2  # the test's own client and the lane's one connection
+    finally:
+        await lane.close()
+
+
+async def test_a_script_redis_does_not_have_is_sent_whole_once(
+        redis_client: aioredis.Redis) -> None:
+    lane = RedisLane(redis_client)
+    try:
+        await redis_client.script_flush()
+        assert (await lane.run(ECHO, ["a"], ["x"]))[2] == 1
+        assert (await redis_client.script_exists(ECHO.sha)) == [True]
+        assert (await lane.run(ECHO, ["a"], ["x"]))[2] == 2
+    finally:
+        await lane.close()
+
+
+async def test_a_script_error_is_raised_and_the_lane_goes_on(
+        redis_client: aioredis.Redis) -> None:
+    lane = RedisLane(redis_client)
+    failing = LaneScript("return redis.call('INCR', KEYS[1], 'too', 'many')")
+    try:
+        with pytest.raises(ResponseError):
+            await lane.run(failing, ["a"], [])
+        assert (await lane.run(ECHO, ["a"], ["y"]))[1] == b"y"
+    finally:
+        await lane.close()
+
+
+async def test_an_abandoned_call_drops_the_connection_and_the_next_call_reconnects(
+        redis_client: aioredis.Redis) -> None:
+    lane = RedisLane(redis_client)
+    try:
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.05):
+                await lane.run(SLOW, ["s"], [300_000])  # Redis busy for 0.3 s
+        assert (await lane.run(ECHO, ["b"], ["z"]))[1] == b"z"
+    finally:
+        await lane.close()
+
+
+async def test_redis_down_fails_fast_and_the_lane_recovers_when_it_returns(
+        tmp_path: Path) -> None:
+    server = RedisServer(tmp_path / "r").start()
+    client = aioredis.Redis.from_url(server.url, socket_connect_timeout=1.0)
+    lane = RedisLane(client)
+    try:
+        assert (await lane.run(ECHO, ["c"], [1]))[2] == 1
+        server.stop()
+        for _ in range(2):  # the broken connection, then a refused reconnect
+            with pytest.raises(RedisConnectionError):
+                async with asyncio.timeout(2.0):
+                    await lane.run(ECHO, ["c"], [1])
+        server = RedisServer(tmp_path / "r2", port=server.port).start()
+        assert (await lane.run(ECHO, ["c"], [1]))[2] == 1  # a new, empty server
+    finally:
+        await lane.close()
+        await client.aclose()
+        server.stop()
+
+
+async def test_a_closed_lane_refuses_calls(redis_client: aioredis.Redis) -> None:
+    lane = RedisLane(redis_client)
+    await lane.run(ECHO, ["d"], [1])
+    await lane.close()
+    with pytest.raises(RedisConnectionError):
+        await lane.run(ECHO, ["d"], [1])
