@@ -199,6 +199,9 @@ class _CountingLimiter:
         self.calls += 1
         return await self.inner.check(policy, key, cost)
 
+    async def close(self) -> None:
+        await self.inner.close()
+
 
 async def test_hybrid_workers_stay_within_the_documented_bound(redis_url: str) -> None:
     workers, batch = 4, 10
@@ -255,6 +258,9 @@ class _FailingLimiter:
         if self.fail:
             raise ConnectionError("redis went away")
         return await self.inner.check(policy, key, cost)
+
+    async def close(self) -> None:
+        await self.inner.close()
 
 
 async def test_hybrid_failed_refill_spends_what_it_holds_then_asks_in_the_foreground(
