@@ -182,30 +182,29 @@ def upstream_request_headers(ex: Exchange, upstream_host: str,
     return headers
 
 
-def response_headers(upstream: CIMultiDictProxy[str], extra: Mapping[str, str],
-                     keep_length: bool) -> CIMultiDict[str]:
+def _kept_response_headers(upstream: CIMultiDictProxy[str],
+                           drop: frozenset[str]) -> list[tuple[str, str]]:
+    """The upstream headers passed on (hop-by-hop and `drop` removed), plus this hop's Via."""
     named = _connection_tokens(upstream)
-    drop = _RESPONSE_DROPPED if keep_length else _RESPONSE_DROPPED_SMALL
-    headers: CIMultiDict[str] = CIMultiDict([
-        (name, value) for name, value in upstream.items()
-        if not ((lower := name.lower()) in drop or lower.startswith("proxy-")
-                or (named and lower in named))])
-    via = upstream.get("Via")
-    headers.add("Via", f"{via}, {VIA}" if via else VIA)
-    headers.update(extra)
-    return headers
-
-
-def small_response_headers(upstream: CIMultiDictProxy[str]) -> list[tuple[str, str]]:
-    """The upstream headers a buffered response keeps (its length is re-sent), plus Via."""
-    named = _connection_tokens(upstream)
-    drop = _RESPONSE_DROPPED_SMALL
     pairs = [(name, value) for name, value in upstream.items()
              if not ((lower := name.lower()) in drop or lower.startswith("proxy-")
                      or (named and lower in named))]
     via = upstream.get("Via")
     pairs.append(("Via", f"{via}, {VIA}" if via else VIA))
     return pairs
+
+
+def response_headers(upstream: CIMultiDictProxy[str], extra: Mapping[str, str],
+                     keep_length: bool) -> CIMultiDict[str]:
+    headers = CIMultiDict(_kept_response_headers(
+        upstream, _RESPONSE_DROPPED if keep_length else _RESPONSE_DROPPED_SMALL))
+    headers.update(extra)
+    return headers
+
+
+def small_response_headers(upstream: CIMultiDictProxy[str]) -> list[tuple[str, str]]:
+    """The upstream headers a buffered response keeps (its length is re-sent), plus Via."""
+    return _kept_response_headers(upstream, _RESPONSE_DROPPED_SMALL)
 
 
 # --- errors -----------------------------------------------------------------------------------

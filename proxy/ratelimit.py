@@ -348,28 +348,23 @@ class HybridRateLimiter:
         a reservation (or a quota, never reserved) needs Redis."""
         if policy.quota_period is not None:
             return None
-        slot = (policy.id, policy.version, state_key(key))
-        decision = self._local(slot, policy, cost)
-        if decision is not None and decision.allowed:
-            self._refill_ahead(slot, policy, key)
-        return decision
+        return self._local((policy.id, policy.version, state_key(key)), policy, key, cost)
 
     async def check(self, policy: Policy, key: str, cost: int = 1) -> Decision:
         if policy.quota_period is not None:  # reserved quota would be lost for the period
             return await self._redis.check(policy, key, cost)
         slot = (policy.id, policy.version, state_key(key))
         while True:  # each pass either finds tokens, a denial, or starts a reservation
-            local = self._local(slot, policy, cost)
+            local = self._local(slot, policy, key, cost)
             if local is not None:
-                if local.allowed:
-                    self._refill_ahead(slot, policy, key)
                 return local
             pending = self._pending.get(slot)
             if pending is None:
                 return await self._reserve(slot, policy, key, cost)
             await asyncio.shield(pending)  # someone is reserving for this key: share it
 
-    def _local(self, slot: tuple[str, int, str], policy: Policy, cost: int) -> Decision | None:
+    def _local(self, slot: tuple[str, int, str], policy: Policy, key: str,
+               cost: int) -> Decision | None:
         held = self._held.get(slot)
         if held is None:
             return None
@@ -381,6 +376,7 @@ class HybridRateLimiter:
         if held.tokens >= cost and now < held.lease_until:
             held.tokens -= cost
             _HYBRID_COUNTERS[True].inc()
+            self._refill_ahead(slot, policy, key)
             return Decision(True, policy.limit, held.remaining + held.tokens, 0.0,
                             max(0.0, held.reset_at - now), "redis")
         return None
@@ -392,9 +388,10 @@ class HybridRateLimiter:
         batch = self.batch_for(policy)
         if batch < 2 or held.tokens * 2 > batch:
             return
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
         self._pending[slot] = future
-        task = asyncio.get_running_loop().create_task(
+        task = loop.create_task(
             self._top_up(slot, policy, key, batch - held.tokens, future))
         self._refills.add(task)
         task.add_done_callback(self._refills.discard)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import logging
 from collections import deque
 from typing import Any, Final
 
@@ -27,8 +26,6 @@ import redis.asyncio as aioredis
 from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
-
-log = logging.getLogger(__name__)
 
 _READ_SIZE: Final = 65536
 _NOSCRIPT: Final = "NOSCRIPT"

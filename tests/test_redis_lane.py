@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -24,58 +25,49 @@ return 1
 """)
 
 
-async def test_concurrent_calls_share_one_connection_and_each_gets_its_own_answer(
-        redis_client: aioredis.Redis) -> None:
-    before = {client["id"] for client in await redis_client.client_list()}
-    lane = RedisLane(redis_client)
+@pytest.fixture
+async def lane(redis_client: aioredis.Redis) -> AsyncIterator[RedisLane]:
+    made = RedisLane(redis_client)  # connects on its first call
     try:
-        replies = await asyncio.gather(*(lane.run(ECHO, [f"k{n % 7}"], [n])
-                                         for n in range(500)))
-        assert [(key, int(arg)) for key, arg, _ in replies] == \
-            [(f"k{n % 7}".encode(), n) for n in range(500)]
-        for index in range(7):  # each key incremented once per call, in call order
-            counts = [count for key, _, count in replies if key == f"k{index}".encode()]
-            assert counts == list(range(1, len(counts) + 1))
-        new = {client["id"] for client in await redis_client.client_list()} - before
-        assert len(new) == 1  # the lane's one connection (the server is shared by the session)
+        yield made
     finally:
-        await lane.close()
+        await made.close()
+
+
+async def test_concurrent_calls_share_one_connection_and_each_gets_its_own_answer(
+        redis_client: aioredis.Redis, lane: RedisLane) -> None:
+    before = {client["id"] for client in await redis_client.client_list()}
+    replies = await asyncio.gather(*(lane.run(ECHO, [f"k{n % 7}"], [n]) for n in range(500)))
+    assert [(key, int(arg)) for key, arg, _ in replies] == \
+        [(f"k{n % 7}".encode(), n) for n in range(500)]
+    for index in range(7):  # each key incremented once per call, in call order
+        counts = [count for key, _, count in replies if key == f"k{index}".encode()]
+        assert counts == list(range(1, len(counts) + 1))
+    new = {client["id"] for client in await redis_client.client_list()} - before
+    assert len(new) == 1  # the lane's one connection (the server is shared by the session)
 
 
 async def test_a_script_redis_does_not_have_is_sent_whole_once(
-        redis_client: aioredis.Redis) -> None:
-    lane = RedisLane(redis_client)
-    try:
-        await redis_client.script_flush()
-        assert (await lane.run(ECHO, ["a"], ["x"]))[2] == 1
-        assert (await redis_client.script_exists(ECHO.sha)) == [True]
-        assert (await lane.run(ECHO, ["a"], ["x"]))[2] == 2
-    finally:
-        await lane.close()
+        redis_client: aioredis.Redis, lane: RedisLane) -> None:
+    await redis_client.script_flush()
+    assert (await lane.run(ECHO, ["a"], ["x"]))[2] == 1
+    assert (await redis_client.script_exists(ECHO.sha)) == [True]
+    assert (await lane.run(ECHO, ["a"], ["x"]))[2] == 2
 
 
-async def test_a_script_error_is_raised_and_the_lane_goes_on(
-        redis_client: aioredis.Redis) -> None:
-    lane = RedisLane(redis_client)
+async def test_a_script_error_is_raised_and_the_lane_goes_on(lane: RedisLane) -> None:
     failing = LaneScript("return redis.call('INCR', KEYS[1], 'too', 'many')")
-    try:
-        with pytest.raises(ResponseError):
-            await lane.run(failing, ["a"], [])
-        assert (await lane.run(ECHO, ["a"], ["y"]))[1] == b"y"
-    finally:
-        await lane.close()
+    with pytest.raises(ResponseError):
+        await lane.run(failing, ["a"], [])
+    assert (await lane.run(ECHO, ["a"], ["y"]))[1] == b"y"
 
 
 async def test_an_abandoned_call_drops_the_connection_and_the_next_call_reconnects(
-        redis_client: aioredis.Redis) -> None:
-    lane = RedisLane(redis_client)
-    try:
-        with pytest.raises(TimeoutError):
-            async with asyncio.timeout(0.05):
-                await lane.run(SLOW, ["s"], [300_000])  # Redis busy for 0.3 s
-        assert (await lane.run(ECHO, ["b"], ["z"]))[1] == b"z"
-    finally:
-        await lane.close()
+        lane: RedisLane) -> None:
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(0.05):
+            await lane.run(SLOW, ["s"], [300_000])  # Redis busy for 0.3 s
+    assert (await lane.run(ECHO, ["b"], ["z"]))[1] == b"z"
 
 
 async def test_redis_down_fails_fast_and_the_lane_recovers_when_it_returns(
@@ -98,8 +90,7 @@ async def test_redis_down_fails_fast_and_the_lane_recovers_when_it_returns(
         server.stop()
 
 
-async def test_a_closed_lane_refuses_calls(redis_client: aioredis.Redis) -> None:
-    lane = RedisLane(redis_client)
+async def test_a_closed_lane_refuses_calls(lane: RedisLane) -> None:
     await lane.run(ECHO, ["d"], [1])
     await lane.close()
     with pytest.raises(RedisConnectionError):
