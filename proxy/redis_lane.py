@@ -2,9 +2,11 @@
 
 redis-py spends ~45 us of CPU on one EVALSHA (connection pool, retry wrapper, command
 packing and a reader per call; bench/README.md). The limiter makes one call per request, so
-it has its own lane: one connection per worker on which every concurrent call is written as
-soon as it is made and answered in order (Redis answers one connection's commands in the
-order they arrive), parsed by hiredis, Redis's own C parser.
+it has its own lane: one connection per worker on which concurrent calls are pipelined and
+answered in order (Redis answers one connection's commands in the order they arrive), parsed
+by hiredis, Redis's own C parser. The calls made in one turn of the event loop go out in one
+write, at the end of that turn: under load one send (and one wake-up of Redis) serves many
+requests.
 
 The connection is made by redis-py's connection class with the client's own settings, so the
 URL, TLS, credentials, database and protocol of `APIGW_REDIS_URL` apply unchanged; the lane
@@ -52,6 +54,7 @@ class RedisLane:
         self._read_task: asyncio.Task[None] | None = None
         self._connecting: asyncio.Future[None] | None = None
         self._waiters: deque[asyncio.Future[Any]] = deque()
+        self._unsent: list[bytes] = []
         self._closed = False
 
     async def run(self, script: LaneScript, keys: list[str], args: list[Any]) -> Any:
@@ -73,15 +76,24 @@ class RedisLane:
         writer = self._writer
         if writer is None or writer.is_closing():
             writer = await self._connect()
-        waiter: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[Any] = loop.create_future()
         self._waiters.append(waiter)
-        writer.write(hiredis.pack_command(command))
+        if not self._unsent:
+            loop.call_soon(self._send, writer)
+        self._unsent.append(hiredis.pack_command(command))
         try:
             return await waiter
         except asyncio.CancelledError:
             if not waiter.done():  # its answer is still to come: the connection is not usable
                 self._abandon(RedisConnectionError("a call on the Redis lane was abandoned"))
             raise
+
+    def _send(self, writer: asyncio.StreamWriter) -> None:
+        if writer is not self._writer:  # dropped since: its calls have failed already
+            return
+        unsent, self._unsent = self._unsent, []
+        writer.write(b"".join(unsent))
 
     async def _connect(self) -> asyncio.StreamWriter:
         if self._closed:
@@ -151,6 +163,7 @@ class RedisLane:
         self._read_task = None
         connection, self._connection, self._writer = self._connection, None, None
         waiters, self._waiters = self._waiters, deque()
+        self._unsent = []
         for waiter in waiters:
             if not waiter.done():
                 waiter.set_exception(error)

@@ -47,6 +47,36 @@ async def test_concurrent_calls_share_one_connection_and_each_gets_its_own_answe
     assert len(new) == 1  # the lane's one connection (the server is shared by the session)
 
 
+async def test_calls_made_in_one_turn_of_the_loop_go_out_in_one_write(
+        lane: RedisLane, monkeypatch: pytest.MonkeyPatch) -> None:
+    await lane.run(ECHO, ["w"], [0])  # connected
+    writer = lane._writer
+    assert writer is not None
+    writes: list[bytes] = []
+    write = writer.write
+
+    def counted(data: bytes) -> None:
+        writes.append(data)
+        write(data)
+
+    monkeypatch.setattr(writer, "write", counted)
+    replies = await asyncio.gather(*(lane.run(ECHO, ["w"], [n]) for n in range(100)))
+    assert [int(count) for _, _, count in replies] == list(range(2, 102))
+    assert len(writes) == 1
+    assert writes[0].count(b"EVALSHA") == 100
+
+
+async def test_a_call_queued_when_the_connection_drops_fails_and_the_next_reconnects(
+        lane: RedisLane) -> None:
+    await lane.run(ECHO, ["d"], [0])
+    first = asyncio.ensure_future(lane.run(ECHO, ["d"], [1]))
+    await asyncio.sleep(0)  # queued, not yet written
+    lane._abandon(RedisConnectionError("dropped for the test"))
+    with pytest.raises(RedisConnectionError):
+        await first
+    assert (await lane.run(ECHO, ["d"], [2]))[1:] == [b"2", 2]
+
+
 async def test_a_script_redis_does_not_have_is_sent_whole_once(
         redis_client: aioredis.Redis, lane: RedisLane) -> None:
     await redis_client.script_flush()
