@@ -545,8 +545,15 @@ class Queries:
             if value is not None:
                 where.append(f"{name} = {{{name}:String}}")
                 params[name] = value
+        # Sorting every match by (timestamp, request_id) costs a full read of the range; the
+        # page's oldest timestamp, found in the table's own order (the scalar subquery, run
+        # first; NULL, so the epoch, when fewer rows match), bounds what has to be sorted.
+        params["last"] = search.offset + search.limit - 1
+        matches = _where(where)
         rows = await self.rows(
-            f"SELECT {_REQUEST_COLUMNS} FROM events WHERE {_where(where)} "
+            f"SELECT {_REQUEST_COLUMNS} FROM events WHERE {matches} AND timestamp >= ifNull(("
+            f"SELECT timestamp FROM events WHERE {matches} ORDER BY timestamp DESC "
+            "LIMIT 1 OFFSET {last:UInt32}), toDateTime64(0, 3, 'UTC')) "
             "ORDER BY timestamp DESC, request_id LIMIT {limit:UInt32} OFFSET {offset:UInt32}",
             params)
         return [RequestRow(

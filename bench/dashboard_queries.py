@@ -156,6 +156,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--first-run-timeout", type=float, default=300.0,
                         help="seconds to wait for the scheduler's first run before timing")
+    parser.add_argument("--per-call", action="store_true",
+                        help="also print every call's best time, per page")
     args = parser.parse_args()
     print(f"# dashboard page load ({os.cpu_count()} CPUs, load average "
           f"{os.getloadavg()[0]:.2f})")
@@ -180,9 +182,11 @@ def main() -> int:
                 waited = wait_first_run(api, args.first_run_timeout)
                 print(f"first analytics run over after {waited:.0f} s")
                 for minutes in [int(m) for m in args.minutes.split(",")]:
-                    rows = []
+                    rows, per_call = [], []
                     for page, calls in pages(api, minutes, anomaly_id).items():
                         totals, best = measure(calls, args.rounds)
+                        per_call += [[page, call, f"{took * 1000:.0f} ms"]
+                                     for call, took in best.items()]
                         name, slow = max(best.items(), key=lambda item: item[1])
                         rows.append([page, len(calls), f"{min(totals) * 1000:.0f} ms",
                                      f"{statistics.median(totals) * 1000:.0f} ms",
@@ -192,6 +196,9 @@ def main() -> int:
                           f"({args.rounds} rounds)",
                           ["page", "calls", "best", "median", "slowest call (best)",
                            "median < 1 s"], rows)
+                    if args.per_call:
+                        table(f"best time per call, last {minutes} min", ["page", "call", "best"],
+                              per_call)
         finally:
             redis.stop()
     return 0

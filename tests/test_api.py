@@ -29,6 +29,7 @@ from analytics.models import (
     Recommendation,
     RecommendationStatus,
 )
+from analytics.queries import EndpointFilter, Queries, RequestSearch, TimeRange
 from apigw.redis_server import free_port
 from collector.clickhouse import SharedClient
 from collector.schema import migrate
@@ -383,6 +384,24 @@ async def test_request_search_filters_and_pages(live: Live) -> None:
     assert len(by_client["requests"]) == 40
     exact = await live.ok("GET", "/api/v1/requests?status=200&route_id=orders&limit=1000")
     assert len(exact["requests"]) == 135
+
+
+async def test_request_pages_are_exact_when_timestamps_tie(ch: SharedClient, now: float) -> None:
+    """Pages of (timestamp desc, request_id) stay exact with many rows on one millisecond
+    (the search bounds its sort by the page's oldest timestamp)."""
+    ties = Endpoint(route_id="ties", method="GET", http_route="/ties")
+    second = int(now // 60) * 60 - 120
+    ids = [f"tie-{n:02d}" for n in range(14)]
+    events = [_event(ties, second + index % 3, "/ties", 200, "client-t", request_id, 1.0)
+              for index, request_id in enumerate(reversed(ids))]
+    insert_events(ch, events)
+    expected = [e.request_id for e in sorted(events, key=lambda e: (-e.timestamp, e.request_id))]
+    queries = Queries(ch)
+    pages = [await queries.search_requests(RequestSearch(
+        TimeRange.last(60, now), EndpointFilter("ties", "GET"), limit=4, offset=offset))
+        for offset in range(0, 16, 4)]
+    assert [len(page) for page in pages] == [4, 4, 4, 2]
+    assert [row.request_id for page in pages for row in page] == expected
 
 
 async def test_injection_attempts_are_only_values(live: Live) -> None:
