@@ -37,6 +37,8 @@ from analytics.api_models import (
     ClientsResponse,
     DeletedResponse,
     DiffParams,
+    EndpointNamesParams,
+    EndpointNamesResponse,
     EndpointsParams,
     EndpointsResponse,
     Health,
@@ -94,6 +96,10 @@ def routes(ctx: ApiContext) -> list[Route]:
     read = [
         Route("GET", f"{p}/endpoints", r.endpoints, "Endpoints with health summary",
               "traffic", EndpointsResponse, EndpointsParams),
+        Route("GET", f"{p}/endpoints/names", r.endpoint_names,
+              "Endpoint keys only, busiest first, then those with anomalies only (a picker's "
+              "list, without the summaries' latency and client merges)", "traffic",
+              EndpointNamesResponse, EndpointNamesParams),
         Route("GET", f"{p}/endpoints/timeseries", r.timeseries,
               "Time series (auto resolution, <= 500 points), optionally with an earlier window",
               "traffic", Series, TimeseriesParams),

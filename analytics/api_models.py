@@ -38,6 +38,7 @@ from analytics.queries import (
     ClientRow,
     Compare,
     EndpointFilter,
+    EndpointName,
     EndpointSummary,
     RequestRow,
     RequestSearch,
@@ -134,6 +135,10 @@ class EndpointsParams(RangeParams):
     sparkline: bool = Field(default=False, description=(
         "Also answer each endpoint's requests per bucket (at most 60 buckets, from "
         "sparkline_start every sparkline_step_s seconds), all endpoints in one rollup query."))
+
+
+class EndpointNamesParams(RangeParams):
+    limit: int = Field(default=500, ge=1, le=1000)
 
 
 class TimeseriesParams(EndpointParams):
@@ -349,6 +354,12 @@ class EndpointsResponse(BaseModel):
     endpoints: list[EndpointSummary]
     sparkline_start: float | None = None  # with sparkline=true: the first bucket's start
     sparkline_step_s: int | None = None
+
+
+class EndpointNamesResponse(BaseModel):
+    start: float
+    end: float
+    endpoints: list[EndpointName]
 
 
 class ClientsResponse(BaseModel):

@@ -24,6 +24,8 @@ from analytics.api_models import (
     BreakdownResponse,
     ClientsResponse,
     DiffParams,
+    EndpointNamesParams,
+    EndpointNamesResponse,
     EndpointsParams,
     EndpointsResponse,
     FieldChange,
@@ -76,6 +78,13 @@ class Reads:
         return model_response(EndpointsResponse(
             start=rng.start, end=rng.end, endpoints=rows, sparkline_start=lines.start,
             sparkline_step_s=lines.step_s))
+
+    async def endpoint_names(self, request: web.Request) -> web.Response:
+        params = query_params(request, EndpointNamesParams)
+        rng = params.time_range()
+        names = await self.ctx.queries.endpoint_names(rng, params.limit)
+        return model_response(EndpointNamesResponse(start=rng.start, end=rng.end,
+                                                    endpoints=names))
 
     async def timeseries(self, request: web.Request) -> web.Response:
         params = query_params(request, TimeseriesParams)

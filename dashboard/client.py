@@ -89,6 +89,10 @@ class ApiClient:
         params = {**span, "sparkline": "true"} if sparkline else span
         return list(self.call("GET", f"{PREFIX}/endpoints", params)["endpoints"])
 
+    def endpoint_names(self, span: dict[str, Any]) -> list[dict[str, Any]]:
+        """Endpoint keys (route_id, method, http_route, requests), busiest first."""
+        return list(self.call("GET", f"{PREFIX}/endpoints/names", span)["endpoints"])
+
     def timeseries(self, span: dict[str, Any], route_id: str | None = None,
                    method: str | None = None, route: str | None = None,
                    compare: str | None = None) -> dict[str, Any]:

@@ -301,6 +301,25 @@ async def test_endpoints_summarise_the_seeded_traffic(live: Live) -> None:
     assert users["mean_ms"] == pytest.approx(3.0)
 
 
+async def test_endpoint_names_busiest_first_then_flagged_without_traffic(
+        live: Live, ch: SharedClient, now: float) -> None:
+    body = await live.ok("GET", "/api/v1/endpoints/names?minutes=60")
+    assert body["endpoints"] == [
+        {"route_id": "orders", "method": "GET", "http_route": "/orders/{id}", "requests": 150},
+        {"route_id": "users", "method": "GET", "http_route": "/users/{id}", "requests": 40}]
+    quiet = Endpoint(route_id="quiet", method="POST", http_route="/quiet")
+    insert_anomaly(ch, seed_anomaly(now).model_copy(update={"id": "anom-quiet",
+                                                            "endpoint": quiet}))
+    body = await live.ok("GET", "/api/v1/endpoints/names?minutes=60")
+    assert [(row["route_id"], row["requests"]) for row in body["endpoints"]] == [
+        ("orders", 150), ("users", 40), ("quiet", 0)]
+    top = await live.ok("GET", "/api/v1/endpoints/names?minutes=60&limit=1")
+    assert [row["route_id"] for row in top["endpoints"]] == ["orders"]
+    status, problem, _ = await live.call("GET", "/api/v1/endpoints/names?limit=0")
+    assert status == 400, problem
+    assert "limit" in problem["detail"]
+
+
 async def test_endpoints_with_sparklines_in_one_call(live: Live, now: float) -> None:
     plain = await live.ok("GET", "/api/v1/endpoints?minutes=60")
     assert all(row["sparkline"] is None for row in plain["endpoints"])

@@ -98,7 +98,7 @@ def choose(ctx: Context) -> tuple[str | None, Span, dict[str, Any] | None, dict[
         return key, span, anomaly, fetch_all(endpoint_reads(ctx, key, span, anomaly))
     picker = st.empty()
     wanted = param("endpoint", "")
-    reads = fetch_all({"endpoints": partial(ctx.client.endpoints, ctx.span.params()),
+    reads = fetch_all({"endpoints": partial(ctx.client.endpoint_names, ctx.span.params()),
                        **(endpoint_reads(ctx, wanted, ctx.span, None) if wanted else {})})
     keys = [endpoint_key(row) for row in reads["endpoints"]]
     if wanted and wanted not in keys:
