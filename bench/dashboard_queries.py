@@ -96,8 +96,7 @@ def pages(api: ApiClient, minutes: int, anomaly_id: str) -> dict[str, list[Call]
             ("anomalies status=open", lambda: api.anomalies(span, status="open")),
             ("timeseries x endpoints (<= 20)", old_sparklines)],
         "investigate": [
-            ("endpoints", lambda: api.endpoints(span)),
-            ("timeseries", lambda: api.timeseries(span, *ENDPOINT)),
+            ("endpoints/names", lambda: api.endpoint_names(span)),
             ("anomalies", lambda: api.anomalies(span, **where)),
             ("timeseries compare=1d", lambda: api.timeseries(span, *ENDPOINT, compare="1d")),
             ("timeseries compare=1w", lambda: api.timeseries(span, *ENDPOINT, compare="1w")),
