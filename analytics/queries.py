@@ -201,13 +201,29 @@ class BreakdownDimension(StrEnum):
     TENANT = "tenant"
 
 
-_BREAKDOWN_SQL: Final = {
-    BreakdownDimension.STATUS: "toString(http_response_status_code)",
-    BreakdownDimension.ERROR_TYPE: "error_type",
+_BREAKDOWN_SQL: Final = {  # on raw events
     BreakdownDimension.CLIENT_ADDRESS: "client_address",
     BreakdownDimension.USER_AGENT: "user_agent_original",
     BreakdownDimension.TENANT: "tenant",
 }
+
+
+# Status codes and error classes come from their minute rollup (whole minutes of the range);
+# the other dimensions are too many distinct values to roll up, so from raw events.
+_ROLLED_UP_BREAKDOWNS: Final = {BreakdownDimension.STATUS: "toString(status)",
+                                BreakdownDimension.ERROR_TYPE: "error_type"}
+
+
+def _breakdown_source(by: BreakdownDimension) -> tuple[str, str, str]:
+    """(value expression, count expression, table) of a breakdown."""
+    rolled_up = _ROLLED_UP_BREAKDOWNS.get(by)
+    if rolled_up is not None:
+        return rolled_up, "sum(requests)", "events_status_1m"
+    return _BREAKDOWN_SQL[by], "count()", "events"
+
+
+def _range_of(table: str) -> tuple[str, ...]:
+    return _EVENT_RANGE if table == "events" else _MINUTE_RANGE
 
 
 class BreakdownRow(BaseModel):
@@ -525,11 +541,11 @@ class Queries:
                         compare: TimeRange | None = None) -> list[BreakdownRow]:
         where, filters = endpoint.clauses()
         params: dict[str, Any] = {**rng.params(), **filters, "limit": limit}
-        expression = _BREAKDOWN_SQL[by]
+        expression, count, source = _breakdown_source(by)
         rows = await self.rows(
-            f"SELECT {expression} AS value, count() AS n, "
-            "sum(count()) OVER () AS total "
-            f"FROM events WHERE {_where([*where, *_EVENT_RANGE])} "
+            f"SELECT {expression} AS value, {count} AS n, "
+            f"sum({count}) OVER () AS total "
+            f"FROM {source} WHERE {_where([*where, *_range_of(source)])} "
             "GROUP BY value ORDER BY n DESC, value LIMIT {limit:UInt32}", params)
         found = [BreakdownRow(value=str(row["value"]), requests=int(row["n"]),
                               share=_rate(int(row["n"]), int(row["total"]))) for row in rows]
@@ -537,9 +553,9 @@ class Queries:
             return found
         earlier = {**compare.params(), **filters, "values": [row.value for row in found]}
         counts = await self.rows(  # the earlier total and these values' counts in one scan
-            f"SELECT value, n, total FROM (SELECT {expression} AS value, count() AS n, "
-            "sum(count()) OVER () AS total FROM events "
-            f"WHERE {_where([*where, *_EVENT_RANGE])} GROUP BY value) "
+            f"SELECT value, n, total FROM (SELECT {expression} AS value, {count} AS n, "
+            f"sum({count}) OVER () AS total FROM {source} "
+            f"WHERE {_where([*where, *_range_of(source)])} GROUP BY value) "
             "WHERE value IN {values:Array(String)}", earlier)
         return _compared(found, {str(row["value"]): int(row["n"]) for row in counts},
                          int(counts[0]["total"]) if counts else 0, "value")

@@ -83,11 +83,12 @@ def scalar(ch: SharedClient, sql: str) -> Any:
 
 
 def assert_counts(ch: SharedClient, n: int) -> None:
-    """events, events_1m and events_client_1m each account for exactly n requests."""
+    """events and each rollup account for exactly n requests."""
     assert scalar(ch, "SELECT count() FROM events") == n
     assert scalar(ch, "SELECT uniqExact(request_id) FROM events") == n
     assert scalar(ch, "SELECT sum(requests) FROM events_1m") == n
     assert scalar(ch, "SELECT sum(requests) FROM events_client_1m") == n
+    assert scalar(ch, "SELECT sum(requests) FROM events_status_1m") == n
 
 
 async def pending(redis: aioredis.Redis, group: str = "collector") -> int:

@@ -79,7 +79,7 @@ def test_events_table_layout(client: Client) -> None:
 
 def test_rollup_tables(client: Client) -> None:
     migrate(client)
-    for table in ("events_1m", "events_client_1m"):
+    for table in ("events_1m", "events_client_1m", "events_status_1m"):
         setting = client.query("SELECT engine, engine_full FROM system.tables WHERE name = "
                                "{t:String} AND database = currentDatabase()",
                                parameters={"t": table}).result_rows[0]
@@ -115,7 +115,7 @@ def test_retention_is_applied_from_settings(client: Client) -> None:
     assert retention_days(client, "events") == 30
     assert apply_retention(client, 30) == []
     assert apply_retention(client, 7) == ["events", "events_1m", "events_client_1m",
-                                          "event_seq_blocks", "event_loss"]
+                                          "events_status_1m", "event_seq_blocks", "event_loss"]
     assert apply_retention(client, 7) == []
     assert retention_days(client, "events_client_1m") == 7
 
@@ -152,7 +152,7 @@ def test_latency_tdigest_is_accurate_and_old_rows_stay_readable(client: Client) 
     second = first + 60
     _insert(client, first, before)
     assert migrate(client) == ["rollup_latency_tdigest", "reload_events_1m_mv",
-                               "event_loss_accounting"]
+                               "event_loss_accounting", "status_rollup_1m"]
     [(_, _, statements)] = [m for m in MIGRATIONS if m[0] == 4]
     for statement in statements:  # interrupted and run again: harmless
         client.command(statement)
@@ -171,3 +171,32 @@ def test_latency_tdigest_is_accurate_and_old_rows_stay_readable(client: Client) 
                             "AND isFinite(finalizeAggregation(duration_q)[1])",
                             parameters={"m": second}).result_rows
     assert new_rows == [(0,)]  # the view no longer fills the reservoir state
+
+
+_INSERT_STATUSES = (
+    "INSERT INTO events (timestamp, route_id, http_request_method, http_route, "
+    "http_response_status_code, error_type) "
+    "SELECT toDateTime64({minute:UInt32} + number, 3, 'UTC'), 'r', 'GET', '/r', "
+    "arrayElement({statuses:Array(UInt16)}, number + 1), "
+    "if(arrayElement({statuses:Array(UInt16)}, number + 1) >= 500, 'upstream_status_5xx', '') "
+    "FROM numbers(length({statuses:Array(UInt16)}))")
+_STATUS_COUNTS = ("SELECT status, error_type, sum(requests) FROM events_status_1m "
+                  "GROUP BY status, error_type ORDER BY status")
+
+
+def test_status_rollup_backfills_events_from_before_it_once(client: Client) -> None:
+    """Migration 7 rolls up the events already stored, then its view takes the new ones; its
+    steps run again (an interrupted migration) count nothing twice."""
+    migrate(client, [m for m in MIGRATIONS if m[0] < 7])
+    minute = int(time.time()) // 60 * 60 - 600
+    client.command(_INSERT_STATUSES, parameters={"minute": minute,
+                                                 "statuses": [200, 200, 200, 503, 503]})
+    assert migrate(client) == ["status_rollup_1m"]
+    assert client.query(_STATUS_COUNTS).result_rows == [(200, "", 3),
+                                                        (503, "upstream_status_5xx", 2)]
+    [(_, _, steps)] = [m for m in MIGRATIONS if m[0] == 7]
+    for step in steps:
+        client.command(step) if isinstance(step, str) else step(client)
+    client.command(_INSERT_STATUSES, parameters={"minute": minute + 60, "statuses": [503, 404]})
+    assert client.query(_STATUS_COUNTS).result_rows == [(200, "", 3), (404, "", 1),
+                                                        (503, "upstream_status_5xx", 3)]

@@ -96,7 +96,7 @@ def _clickhouse_text(dsn: str) -> tuple[str, int]:
         summary = client.query("SELECT http_request_method, url_path, "
                                "http_response_status_code, error_type FROM events").result_rows
         parts.append(repr(summary))
-        for table in ("events", "events_1m", "events_client_1m"):
+        for table in ("events", "events_1m", "events_client_1m", "events_status_1m"):
             states = client.query(
                 "SELECT name FROM system.columns WHERE database = currentDatabase() AND "
                 "table = {t:String} AND type LIKE 'AggregateFunction%'",
