@@ -92,6 +92,9 @@ class RedisLane:
     def _send(self, writer: asyncio.StreamWriter) -> None:
         if writer is not self._writer:  # dropped since: its calls have failed already
             return
+        if writer.is_closing():  # closed since the calls were queued: they cannot be answered
+            self._abandon(RedisConnectionError("the Redis lane's connection closed"))
+            return
         unsent, self._unsent = self._unsent, []
         writer.write(b"".join(unsent))
 

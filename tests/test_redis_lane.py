@@ -77,6 +77,20 @@ async def test_a_call_queued_when_the_connection_drops_fails_and_the_next_reconn
     assert (await lane.run(ECHO, ["d"], [2]))[1:] == [b"2", 2]
 
 
+async def test_calls_queued_when_the_connection_closes_fail_and_the_next_reconnects(
+        lane: RedisLane) -> None:
+    await lane.run(ECHO, ["q"], [0])
+    writer = lane._writer
+    assert writer is not None
+    queued = asyncio.ensure_future(lane.run(ECHO, ["q"], [1]))
+    await asyncio.sleep(0)  # queued for the end of the turn, not written
+    writer.transport.abort()
+    with pytest.raises(RedisConnectionError):
+        async with asyncio.timeout(1.0):  # at once, not when some timeout notices
+            await queued
+    assert (await lane.run(ECHO, ["q"], [2]))[1] == b"2"
+
+
 async def test_a_script_redis_does_not_have_is_sent_whole_once(
         redis_client: aioredis.Redis, lane: RedisLane) -> None:
     await redis_client.script_flush()
