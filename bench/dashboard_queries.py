@@ -115,7 +115,7 @@ def pages(api: ApiClient, minutes: int, anomaly_id: str) -> dict[str, list[Call]
                                                             "client-7", 10, 60.0))],
         "policies": [
             ("kill-switch", api.kill_switch), ("auto-mode", api.auto_modes),
-            ("endpoints", lambda: api.endpoints(span)), ("policies", api.policies),
+            ("endpoints/names", lambda: api.endpoint_names(span)), ("policies", api.policies),
             ("recommendations", api.recommendations)],
         "audit": [("audit", lambda: api.audit(100))],
     }

@@ -175,7 +175,7 @@ def render(ctx: Context) -> None:
     client = ctx.client
     reads = fetch_all({"engaged": client.kill_switch, "modes": client.auto_modes,
                        "policies": client.policies, "recs": client.recommendations,
-                       "endpoints": partial(client.endpoints, ctx.span.params())})
+                       "endpoints": partial(client.endpoint_names, ctx.span.params())})
     controls(ctx, reads["engaged"], reads["modes"])
     data, recs = reads["policies"], reads["recs"]
     views = data["policies"]
