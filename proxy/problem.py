@@ -43,8 +43,8 @@ def problem_body(slug: str, detail: str, request_id: str,
     status, title = PROBLEMS[slug]
     document: dict[str, object] = {"type": f"urn:apigw:problem:{slug}", "title": title,
                                    "status": status, "detail": detail, "instance": request_id}
-    if extra:
-        document.update(extra)
+    if extra:  # extension members never replace the standard ones (RFC 9457, 3.2)
+        document.update((name, value) for name, value in extra.items() if name not in document)
     return status, orjson.dumps(document)
 
 

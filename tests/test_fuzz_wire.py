@@ -208,3 +208,14 @@ def test_problem_bodies_are_always_valid_json(slug: str, detail: str, request_id
     assert document["type"] == f"urn:apigw:problem:{slug}"
     assert document["detail"] == detail
     assert document["instance"] == request_id
+    standard = {"type", "title", "status", "detail", "instance"}
+    assert {name: document[name] for name in extra if name not in standard} == \
+        {name: value for name, value in extra.items() if name not in standard}
+
+
+def test_extension_members_never_replace_the_standard_ones() -> None:
+    status, body = problem_body("bad-path", "the real detail", "req-1",
+                                {"detail": "", "status": 200, "retry_after_s": 3})
+    assert orjson.loads(body) == {
+        "type": "urn:apigw:problem:bad-path", "title": PROBLEMS["bad-path"][1],
+        "status": status, "detail": "the real detail", "instance": "req-1", "retry_after_s": 3}
