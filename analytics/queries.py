@@ -516,15 +516,24 @@ class Queries:
         params: dict[str, Any] = {**rng.params(), **filters, "limit": limit}
         rows = await self.rows(
             "SELECT client, sum(requests) AS n, sum(errors_5xx) AS e5, sum(errors_4xx) AS e4, "
-            "sum(rate_limited) AS rl, sum(auth_failures) AS af, uniqMerge(paths) AS up, "
+            "sum(rate_limited) AS rl, sum(auth_failures) AS af, "
             "sum(sum(requests)) OVER () AS total "
             f"FROM events_client_1m WHERE {_where([*_MINUTE_RANGE, *where])} "
             "GROUP BY client ORDER BY n DESC, client LIMIT {limit:UInt32}", params)
+        # Distinct paths for the top clients only: merging every client's path states first
+        # took 390-440 ms over 24 h with 20,000 clients, against ~90 ms for both reads.
+        paths: dict[str, int] = {}
+        if rows:
+            top = {**params, "clients": [row["client"] for row in rows]}
+            paths = {row["client"]: int(row["up"]) for row in await self.rows(
+                "SELECT client, uniqMerge(paths) AS up FROM events_client_1m WHERE "
+                f"{_where([*_MINUTE_RANGE, *where, 'client IN {clients:Array(String)}'])} "
+                "GROUP BY client", top)}
         found = [ClientRow(client=row["client"], requests=int(row["n"]),
                            share=_rate(int(row["n"]), int(row["total"])),
                            errors_5xx=int(row["e5"]), errors_4xx=int(row["e4"]),
                            rate_limited=int(row["rl"]), auth_failures=int(row["af"]),
-                           distinct_paths=int(row["up"])) for row in rows]
+                           distinct_paths=paths.get(row["client"], 0)) for row in rows]
         if compare is None or not found:
             return found
         earlier = {**compare.params(), **filters, "clients": [row.client for row in found]}

@@ -372,6 +372,11 @@ async def test_top_clients_and_breakdown(live: Live) -> None:
     assert clients["client-a"]["share"] == pytest.approx(100 / 150)
     assert (clients["client-b"]["requests"], clients["client-b"]["errors_5xx"]) == (50, 15)
     assert clients["client-b"]["distinct_paths"] == 5
+    assert clients["client-a"]["distinct_paths"] == 10
+    top = await live.ok("GET", "/api/v1/endpoints/top-clients?route_id=orders&minutes=60&limit=1")
+    assert [(row["client"], row["distinct_paths"]) for row in top["clients"]] == [("client-a", 10)]
+    empty = await live.ok("GET", "/api/v1/endpoints/top-clients?route_id=nothing&minutes=60")
+    assert empty["clients"] == []
 
     status = await live.ok("GET", "/api/v1/endpoints/breakdown?route_id=orders&by=status")
     assert {row["value"]: row["requests"] for row in status["rows"]} == {"200": 135, "500": 15}
