@@ -201,31 +201,6 @@ class BreakdownDimension(StrEnum):
     TENANT = "tenant"
 
 
-_BREAKDOWN_SQL: Final = {  # on raw events
-    BreakdownDimension.CLIENT_ADDRESS: "client_address",
-    BreakdownDimension.USER_AGENT: "user_agent_original",
-    BreakdownDimension.TENANT: "tenant",
-}
-
-
-# Status codes and error classes come from their minute rollup (whole minutes of the range);
-# the other dimensions are too many distinct values to roll up, so from raw events.
-_ROLLED_UP_BREAKDOWNS: Final = {BreakdownDimension.STATUS: "toString(status)",
-                                BreakdownDimension.ERROR_TYPE: "error_type"}
-
-
-def _breakdown_source(by: BreakdownDimension) -> tuple[str, str, str]:
-    """(value expression, count expression, table) of a breakdown."""
-    rolled_up = _ROLLED_UP_BREAKDOWNS.get(by)
-    if rolled_up is not None:
-        return rolled_up, "sum(requests)", "events_status_1m"
-    return _BREAKDOWN_SQL[by], "count()", "events"
-
-
-def _range_of(table: str) -> tuple[str, ...]:
-    return _EVENT_RANGE if table == "events" else _MINUTE_RANGE
-
-
 class BreakdownRow(BaseModel):
     value: str
     requests: int
@@ -296,6 +271,35 @@ _MINUTE_RANGE: Final = ("minute >= toDateTime({start_s:UInt32}, 'UTC')",
                         "minute < toDateTime({end_s:UInt32}, 'UTC')")
 _EVENT_RANGE: Final = ("timestamp >= fromUnixTimestamp64Milli({start_ms:Int64}, 'UTC')",
                        "timestamp < fromUnixTimestamp64Milli({end_ms:Int64}, 'UTC')")
+# Anomalies whose window overlaps the range.
+_ANOMALY_OVERLAP: Final = ("window_end >= fromUnixTimestamp64Milli({start_ms:Int64}, 'UTC')",
+                           "detected_at < fromUnixTimestamp64Milli({end_ms:Int64}, 'UTC')")
+
+
+@dataclass(frozen=True, slots=True)
+class _Breakdown:
+    value: str  # SQL expression of the value
+    count: str  # SQL expression of the requests per value
+    table: str
+    range: tuple[str, ...]
+
+
+_RAW: Final = ("count()", "events", _EVENT_RANGE)
+# Status codes and error classes come from their minute rollup (whole minutes of the range);
+# the other dimensions have too many distinct values to roll up, so from raw events.
+_BREAKDOWNS: Final = {
+    BreakdownDimension.STATUS: _Breakdown("toString(status)", "sum(requests)",
+                                          "events_status_1m", _MINUTE_RANGE),
+    BreakdownDimension.ERROR_TYPE: _Breakdown("error_type", "sum(requests)", "events_status_1m",
+                                              _MINUTE_RANGE),
+    BreakdownDimension.CLIENT_ADDRESS: _Breakdown("client_address", *_RAW),
+    BreakdownDimension.USER_AGENT: _Breakdown("user_agent_original", *_RAW),
+    BreakdownDimension.TENANT: _Breakdown("tenant", *_RAW),
+}
+
+
+def _endpoint_of(row: dict[str, Any]) -> tuple[str, str, str]:
+    return row["route_id"], row["http_request_method"], row["http_route"]
 
 
 def _epoch(value: Any) -> float:
@@ -389,14 +393,11 @@ class Queries:
         flagged = await self.rows(
             "SELECT route_id, http_request_method, http_route, uniqExact(id) AS n, "
             "max(score) AS top_score, groupUniqArray(severity) AS severities FROM anomalies "
-            "WHERE window_end >= fromUnixTimestamp64Milli({start_ms:Int64}, 'UTC') "
-            "AND detected_at < fromUnixTimestamp64Milli({end_ms:Int64}, 'UTC') "
+            f"WHERE {_where(_ANOMALY_OVERLAP)} "
             "GROUP BY route_id, http_request_method, http_route", params)
-        by_endpoint = {(r["route_id"], r["http_request_method"], r["http_route"]): r
-                       for r in flagged}
-        summaries = [self._summary(row, by_endpoint.pop(
-            (row["route_id"], row["http_request_method"], row["http_route"]), None))
-            for row in traffic]
+        by_endpoint = {_endpoint_of(row): row for row in flagged}
+        summaries = [self._summary(row, by_endpoint.pop(_endpoint_of(row), None))
+                     for row in traffic]
         for key, row in by_endpoint.items():
             idle = {"route_id": key[0], "http_request_method": key[1], "http_route": key[2]}
             summaries.append(self._summary(idle, row))
@@ -414,17 +415,13 @@ class Queries:
             "LIMIT {limit:UInt32}", params)
         flagged = await self.rows(
             "SELECT DISTINCT route_id, http_request_method, http_route FROM anomalies "
-            "WHERE window_end >= fromUnixTimestamp64Milli({start_ms:Int64}, 'UTC') "
-            "AND detected_at < fromUnixTimestamp64Milli({end_ms:Int64}, 'UTC') "
+            f"WHERE {_where(_ANOMALY_OVERLAP)} "
             "ORDER BY route_id, http_request_method, http_route", params)
-        names = [EndpointName(route_id=row["route_id"], method=row["http_request_method"],
-                              http_route=row["http_route"], requests=int(row.get("n", 0)))
-                 for row in traffic]
-        seen = {(name.route_id, name.method, name.http_route) for name in names}
-        names += [EndpointName(route_id=row["route_id"], method=row["http_request_method"],
-                               http_route=row["http_route"], requests=0) for row in flagged
-                  if (row["route_id"], row["http_request_method"], row["http_route"]) not in seen]
-        return names[:limit]
+        requests = {_endpoint_of(row): int(row["n"]) for row in traffic}
+        for row in flagged:
+            requests.setdefault(_endpoint_of(row), 0)
+        return [EndpointName(route_id=route_id, method=method, http_route=route, requests=n)
+                for (route_id, method, route), n in list(requests.items())[:limit]]
 
     async def sparklines(self, rng: TimeRange,
                          endpoints: Sequence[tuple[str, str, str]]) -> Sparklines:
@@ -444,7 +441,7 @@ class Queries:
             f"{_where([*_MINUTE_RANGE, _ENDPOINT_IN])} "
             "GROUP BY route_id, http_request_method, http_route, slot", params)
         for row in rows:
-            series = counts.get((row["route_id"], row["http_request_method"], row["http_route"]))
+            series = counts.get(_endpoint_of(row))
             slot = int(row["slot"])
             if series is not None and 0 <= slot < size:
                 series[slot] = int(row["n"])
@@ -550,11 +547,11 @@ class Queries:
                         compare: TimeRange | None = None) -> list[BreakdownRow]:
         where, filters = endpoint.clauses()
         params: dict[str, Any] = {**rng.params(), **filters, "limit": limit}
-        expression, count, source = _breakdown_source(by)
+        spec = _BREAKDOWNS[by]
         rows = await self.rows(
-            f"SELECT {expression} AS value, {count} AS n, "
-            f"sum({count}) OVER () AS total "
-            f"FROM {source} WHERE {_where([*where, *_range_of(source)])} "
+            f"SELECT {spec.value} AS value, {spec.count} AS n, "
+            f"sum({spec.count}) OVER () AS total "
+            f"FROM {spec.table} WHERE {_where([*where, *spec.range])} "
             "GROUP BY value ORDER BY n DESC, value LIMIT {limit:UInt32}", params)
         found = [BreakdownRow(value=str(row["value"]), requests=int(row["n"]),
                               share=_rate(int(row["n"]), int(row["total"]))) for row in rows]
@@ -562,9 +559,9 @@ class Queries:
             return found
         earlier = {**compare.params(), **filters, "values": [row.value for row in found]}
         counts = await self.rows(  # the earlier total and these values' counts in one scan
-            f"SELECT value, n, total FROM (SELECT {expression} AS value, {count} AS n, "
-            f"sum({count}) OVER () AS total FROM {source} "
-            f"WHERE {_where([*where, *_range_of(source)])} GROUP BY value) "
+            f"SELECT value, n, total FROM (SELECT {spec.value} AS value, {spec.count} AS n, "
+            f"sum({spec.count}) OVER () AS total FROM {spec.table} "
+            f"WHERE {_where([*where, *spec.range])} GROUP BY value) "
             "WHERE value IN {values:Array(String)}", earlier)
         return _compared(found, {str(row["value"]): int(row["n"]) for row in counts},
                          int(counts[0]["total"]) if counts else 0, "value")

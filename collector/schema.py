@@ -3,7 +3,7 @@
 Each migration is (version, name, steps): SQL statements, or functions of the client where one
 statement cannot say it (a backfill). Steps are idempotent (`IF NOT EXISTS`), so a migration
 interrupted half-way is simply run again; a version is recorded in
-`schema_migrations` only after all its statements succeeded. Migrations are frozen once
+`schema_migrations` only after all its steps succeeded. Migrations are frozen once
 shipped: change the schema by appending a new one (e.g. `ALTER TABLE events ADD COLUMN ...`
 when the event record gains a field; tests/test_schema.py fails until you do).
 
@@ -217,7 +217,7 @@ GROUP BY minute, route_id, http_request_method, http_route
 # or DROP/CREATE. A rerun after an interruption re-attaches the view. (On a shared server,
 # an insert by another collector in the instant between the two statements skips the view.)
 _EVENTS_1M_MV_RELOAD: list[MigrationStep] = ["DETACH TABLE IF EXISTS events_1m_mv",
-                        "ATTACH TABLE IF NOT EXISTS events_1m_mv"]
+                                             "ATTACH TABLE IF NOT EXISTS events_1m_mv"]
 
 # How readers get [p50, p95, p99] ms from `events_1m` rows (inside a GROUP BY): the t-digest
 # when the group has one, else the reservoir of rows written before migration 4. A group that
@@ -389,10 +389,10 @@ def migrate(client: Client, migrations: list[Migration] | None = None) -> list[s
     """Apply the migrations not yet recorded, in version order; return the names applied."""
     done = applied_versions(client)
     applied: list[str] = []
-    for version, name, statements in sorted(migrations or MIGRATIONS):
+    for version, name, steps in sorted(migrations or MIGRATIONS):
         if version in done:
             continue
-        for step in statements:
+        for step in steps:
             if isinstance(step, str):
                 client.command(step)
             else:
