@@ -335,6 +335,23 @@ class Bench:
         self.targets.append(Target("naive", "naive", port, [process.pid], LOAD_CPU,
                                    "aiohttp web.Application + shared ClientSession + uvloop"))
 
+    def add_floor(self) -> None:
+        """Opt-in (named in BENCH_ONLY): `floor_proxy.py`, the least a Python proxy on uvloop
+        does per request: as callbacks, with one Task per request, and as aiohttp's server with
+        the gateway's upstream client and nothing of its chain."""
+        for style in ("callbacks", "task", "aiohttp"):
+            name = f"floor-{style}"
+            if name not in self.only:
+                continue
+            port = free_port()
+            process = self.procs.start(name, [
+                self.python, str(BENCH / "floor_proxy.py"), "--listen", f"127.0.0.1:{port}",
+                "--upstream", f"127.0.0.1:{self.upstream_port}", "--style", style], SUT_CPU,
+                env={**os.environ, "PYTHONPATH": str(ROOT)})
+            wait_http(f"http://127.0.0.1:{port}{PATH}", process=process)
+            self.targets.append(Target(name, "naive", port, [process.pid], LOAD_CPU,
+                                       f"floor_proxy.py --style {style}"))
+
     def gateway_config(self, name: str, source: str, routes: int) -> Path:
         document: dict[str, Any] = yaml.safe_load((BENCH / "configs" / source).read_text())
         if routes > len(document["routes"]):
@@ -403,6 +420,7 @@ class Bench:
         self.add_direct()
         self.add_nginx()
         self.add_naive()
+        self.add_floor()
         self.add_gateway("minimal", "minimal.yaml", note="routing+identity+metrics, no events")
         self.add_gateway("events", "events.yaml", note="minimal + events to the Redis Stream")
         self.add_gateway("ratelimit", "ratelimit.yaml", note="minimal + Redis GCRA limit")

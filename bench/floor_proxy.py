@@ -1,0 +1,221 @@
+"""The floor of the benchmark: the least a Python proxy on uvloop can do per request.
+
+Not a usable proxy: it exists to measure how fast any Python design on this machine could
+be, so the goals can be read against it. Protocols only (no aiohttp server, no request
+objects, no streams): the request head is found by its blank line and copied to one
+keep-alive upstream connection per client connection with Host replaced and Connection
+dropped; the upstream's response is copied back once its Content-Length is complete. GET
+and Content-Length bodies only; no chunked bodies, no validation beyond that, no timeouts.
+
+`--style`:
+- `callbacks`: the upstream protocol writes to the client transport itself (no coroutine);
+- `task`: one asyncio Task per request awaits a future the upstream protocol resolves (what
+  any handler that awaits something - an auth check, a Redis call - needs);
+- `aiohttp`: the gateway's own server and upstream parts with nothing of its chain: aiohttp's
+  low-level server (`web.Server`, as the gateway's listener), the lean upstream pool
+  (proxy/upstream_pool.py) and the one-write response (proxy/direct_response.py). Between
+  this and `task` is what aiohttp's request handling and the gateway's client cost; between
+  this and the gateway's `minimal` target, what its chain costs.
+
+    python bench/floor_proxy.py --listen 127.0.0.1:8002 --upstream 127.0.0.1:9001 --style task
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from collections import deque
+from typing import cast
+
+import uvloop
+from aiohttp import web
+from aiohttp.web_request import BaseRequest
+from multidict import CIMultiDict
+
+from proxy.balancing import Endpoint
+from proxy.direct_response import send_buffered
+from proxy.upstream_pool import ConnectionPool
+
+_HEAD_END = b"\r\n\r\n"
+_BAD_REQUEST = b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+
+
+def _content_length(head: bytes) -> int:
+    lower = head.lower()
+    at = lower.find(b"\r\ncontent-length:")
+    if at < 0:
+        return 0
+    end = lower.find(b"\r\n", at + 2)
+    return int(lower[at + 17:end if end >= 0 else None].strip())
+
+
+class UpstreamSide(asyncio.Protocol):
+    def __init__(self, client: ClientSide) -> None:
+        self.client = client
+        self.transport: asyncio.Transport | None = None
+        self.buffer = bytearray()
+        self.waiting: deque[asyncio.Future[bytes] | None] = deque()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        while True:
+            end = self.buffer.find(_HEAD_END)
+            if end < 0:
+                return
+            total = end + 4 + _content_length(bytes(self.buffer[:end]))
+            if len(self.buffer) < total:
+                return
+            response = bytes(self.buffer[:total])
+            del self.buffer[:total]
+            future = self.waiting.popleft()
+            if future is None:
+                self.client.send(response)
+            elif not future.done():
+                future.set_result(response)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.client.close()
+
+
+class ClientSide(asyncio.Protocol):
+    def __init__(self, upstream_host: str, upstream_port: int, use_tasks: bool) -> None:
+        self.upstream_address = (upstream_host, upstream_port)
+        self.host_header = f"\r\nHost: {upstream_host}:{upstream_port}".encode()
+        self.use_tasks = use_tasks
+        self.transport: asyncio.Transport | None = None
+        self.upstream: UpstreamSide | None = None
+        self.pending: list[bytes] = []
+        self.buffer = bytearray()
+        self.loop = asyncio.get_running_loop()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self.loop.create_task(self._connect())
+
+    async def _connect(self) -> None:
+        _, protocol = await self.loop.create_connection(lambda: UpstreamSide(self),
+                                                         *self.upstream_address)
+        self.upstream = protocol
+        for request in self.pending:
+            self._forward(request)
+        self.pending.clear()
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        while True:
+            end = self.buffer.find(_HEAD_END)
+            if end < 0:
+                return
+            head = bytes(self.buffer[:end])
+            try:
+                total = end + 4 + _content_length(head)
+            except ValueError:
+                self.send(_BAD_REQUEST)
+                self.close()
+                return
+            if len(self.buffer) < total:
+                return
+            request = self._rewrite(head) + bytes(self.buffer[end:total])
+            del self.buffer[:total]
+            if self.upstream is None:
+                self.pending.append(request)
+            else:
+                self._forward(request)
+
+    def _rewrite(self, head: bytes) -> bytes:
+        lines = head.split(b"\r\n")
+        kept = [line for line in lines[1:]
+                if line[:5].lower() != b"host:" and line[:11].lower() != b"connection:"]
+        return lines[0] + self.host_header + b"\r\n" + b"\r\n".join(kept)
+
+    def _forward(self, request: bytes) -> None:
+        upstream = self.upstream
+        assert upstream is not None
+        assert upstream.transport is not None
+        if self.use_tasks:
+            future: asyncio.Future[bytes] = self.loop.create_future()
+            upstream.waiting.append(future)
+            upstream.transport.write(request)
+            self.loop.create_task(self._answer(future))
+        else:
+            upstream.waiting.append(None)
+            upstream.transport.write(request)
+
+    async def _answer(self, future: asyncio.Future[bytes]) -> None:
+        self.send(await future)
+
+    def send(self, data: bytes) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.upstream is not None and self.upstream.transport is not None:
+            self.upstream.transport.close()
+
+
+_DROPPED_REQUEST = frozenset({"connection", "host"})
+_DROPPED_RESPONSE = frozenset({"connection", "content-length"})
+
+
+async def serve_aiohttp(listen: str, upstream: str) -> None:
+    host, _, port = listen.rpartition(":")
+    target = Endpoint(0, f"http://{upstream}", 1)
+    pool = ConnectionPool([target], max_connections=256, max_per_target=0, keepalive_s=60.0,
+                          tls=None)
+
+    async def forward(request: BaseRequest) -> web.StreamResponse:
+        headers = CIMultiDict((name, value) for name, value in request.headers.items()
+                              if name.lower() not in _DROPPED_REQUEST)
+        headers["Host"] = target.host_header
+        response = await pool.request(target, request.method, request.raw_path, headers, None,
+                                      None, connect_s=5.0, read_s=5.0, total_s=10.0)
+        try:
+            body = await response.content.read()
+            kept = [(name, value) for name, value in response.headers.items()
+                    if name.lower() not in _DROPPED_RESPONSE]
+            return await send_buffered(request, response.status, response.reason, kept, {},
+                                       body)
+        finally:
+            response.release()
+
+    runner = web.ServerRunner(web.Server(forward), access_log=None, handle_signals=False)
+    await runner.setup()
+    await web.TCPSite(runner, host, int(port)).start()
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await runner.cleanup()
+        await pool.close()
+
+
+async def serve(listen: str, upstream: str, use_tasks: bool) -> None:
+    host, _, port = listen.rpartition(":")
+    upstream_host, _, upstream_port = upstream.rpartition(":")
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(
+        lambda: ClientSide(upstream_host, int(upstream_port), use_tasks), host, int(port))
+    async with server:
+        await server.serve_forever()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--listen", default="127.0.0.1:8002", help="HOST:PORT")
+    parser.add_argument("--upstream", required=True, help="HOST:PORT of the upstream")
+    parser.add_argument("--style", choices=("callbacks", "task", "aiohttp"), default="task")
+    args = parser.parse_args()
+    if args.style == "aiohttp":
+        uvloop.run(serve_aiohttp(args.listen, args.upstream))
+    else:
+        uvloop.run(serve(args.listen, args.upstream, args.style == "task"))
+
+
+if __name__ == "__main__":
+    main()
