@@ -196,17 +196,20 @@ class Gateway:
         self.stopping = False
 
     def _steps(self) -> list[object]:
-        """THE CHAIN: the order requests go through. Add a filter with one line here."""
+        """THE CHAIN: the order requests go through. Add a filter with one line here. A step
+        the configuration cannot use is left out (`when_used`); the rate-limit steps always
+        stay, as policies arrive from Redis at run time."""
+        routes = self.config.routes
         return [
             ObserveStep(),
             IdentityStep(self.identity),
-            CorsStep(self.router),
+            *CorsStep.when_used(self.router, routes),
             RouteStep(self.router),
-            IpAccessStep(self.config.access),
+            *IpAccessStep.when_used(self.config.access, routes),
             PreAuthRateLimitStep(self.policies, self.limiter,
                                  legacy_headers=self.config.ratelimit.legacy_headers),
-            self.authn,
-            ScopeStep(self.config.auth.realm),
+            *([self.authn] if any(route.auth is not None for route in routes) else []),
+            *ScopeStep.when_used(self.config.auth.realm, routes),
             RateLimitStep(self.policies, self.limiter,
                           legacy_headers=self.config.ratelimit.legacy_headers),
             *CacheStep.when_used(self.config.routes, self.router, self.redis, self.settings),

@@ -11,12 +11,15 @@
 - `ScopeStep` (after authn): the principal's scopes must include the route's `authz.scopes`
   and `authz.method_scopes[method]`; missing ones -> 403 with an RFC 6750
   `insufficient_scope` challenge, no principal at all -> 401.
+
+Each step is in the chain only when the configuration uses it (`when_used`): with no `cors:`,
+no address list or no scopes anywhere, requests skip the step rather than look it up.
 """
 
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Final
 
 from aiohttp import web
@@ -28,6 +31,7 @@ from proxy.routing import MatchContext, PathError, Router, split_path
 
 if TYPE_CHECKING:
     from proxy.app import Exchange
+    from proxy.config import Route
 
 DENIALS = Counter("apigw_authz_denials_total", "Requests refused by authorization",
                   ["reason"])
@@ -75,6 +79,14 @@ class IpFilter:
 class IpAccessStep:
     """Chain step: global and per-route IP lists."""
 
+    @classmethod
+    def when_used(cls, access: Access, routes: Sequence[Route]) -> list[IpAccessStep]:
+        """The step, when a global or a route's address list exists."""
+        used = bool(access.ip_allow or access.ip_deny) or any(
+            route.authz is not None and bool(route.authz.ip_allow or route.authz.ip_deny)
+            for route in routes)
+        return [cls(access)] if used else []
+
     def __init__(self, access: Access) -> None:
         self.global_filter = IpFilter(access.ip_allow, access.ip_deny)
         self._routes: dict[str, IpFilter | None] = {}
@@ -101,6 +113,14 @@ class IpAccessStep:
 
 class ScopeStep:
     """Chain step: required scopes of the route and method."""
+
+    @classmethod
+    def when_used(cls, realm: str, routes: Sequence[Route]) -> list[ScopeStep]:
+        """The step, when some route requires scopes."""
+        used = any(route.authz is not None
+                   and bool(route.authz.scopes or route.authz.method_scopes)
+                   for route in routes)
+        return [cls(realm)] if used else []
 
     def __init__(self, realm: str = "apigw") -> None:
         self.realm = realm
@@ -173,6 +193,11 @@ class _CorsRoute:
 
 class CorsStep:
     """Chain step, before routing (see the module docstring)."""
+
+    @classmethod
+    def when_used(cls, router: Router, routes: Sequence[Route]) -> list[CorsStep]:
+        """The step, when some route has `cors:`."""
+        return [cls(router)] if any(route.cors is not None for route in routes) else []
 
     def __init__(self, router: Router) -> None:
         self.router = router

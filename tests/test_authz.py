@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 
 from proxy.auth.config import Cors, RouteAuthz
-from proxy.authz import IpFilter, ScopeStep
+from proxy.authz import CorsStep, IpAccessStep, IpFilter, ScopeStep
 from proxy.config import ConfigError, load_config, parse_config
+from proxy.routing import Router
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -35,6 +36,32 @@ def test_scope_requirements_per_method() -> None:
     assert step.required("r", "GET", authz) == {"a"}
     assert step.required("r", "POST", authz) == {"a", "b"}
     assert step.required("x", "GET", None) == frozenset()
+
+
+def test_steps_are_in_the_chain_only_when_the_config_uses_them() -> None:
+    def config(route_extra: str = "", top: str = "") -> str:
+        return f"""
+version: 1
+upstreams: {{app: {{url: "http://127.0.0.1:1"}}}}
+routes:
+  - {{id: plain, match: {{prefix: /a}}, upstream: app}}
+  - {{id: r, match: {{prefix: /}}, upstream: app{route_extra}}}
+{top}"""
+
+    def chain(text: str) -> list[type]:
+        parsed = parse_config(text, "t.yaml", environ={})
+        router = Router(parsed.routes)
+        return [type(step) for step in (
+            *CorsStep.when_used(router, parsed.routes),
+            *IpAccessStep.when_used(parsed.access, parsed.routes),
+            *ScopeStep.when_used(parsed.auth.realm, parsed.routes))]
+
+    assert chain(config()) == []
+    assert chain(config(", authz: {ip_deny: [10.0.0.0/8]}")) == [IpAccessStep]
+    assert chain(config(top="access: {ip_allow: [127.0.0.0/8]}")) == [IpAccessStep]
+    assert chain(config(", authz: {scopes: [read]}")) == [ScopeStep]
+    assert chain(config(", authz: {method_scopes: {post: [write]}}")) == [ScopeStep]
+    assert chain(config(", cors: {allow_origins: ['https://a.example']}")) == [CorsStep]
 
 
 def test_bad_auth_config_is_a_clear_error() -> None:
