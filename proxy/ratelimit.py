@@ -130,18 +130,20 @@ class RedisRateLimiter:
     async def close(self) -> None:
         await self._lane.close()
 
-    async def check(self, policy: Policy, key: str, cost: int = 1) -> Decision:
+    async def check(self, policy: Policy, key: str, cost: int = 1,
+                    timeout_s: float | None = None) -> Decision:
+        """One check; with `timeout_s`, LaneTimeout when Redis has not answered by then."""
         if policy.quota_period is not None:
-            return await self._check_quota(policy, policy.quota_period, key, cost)
+            return await self._check_quota(policy, policy.quota_period, key, cost, timeout_s)
         redis_key = self._keys.ratelimit(policy.id, policy.version, state_key(key))
         reply: Any
         if policy.algorithm is Algorithm.SLIDING_WINDOW:
             reply = await self._lane.run(self._sliding, [redis_key], [
-                round(policy.window_s * 1_000_000), policy.limit, cost])
+                round(policy.window_s * 1_000_000), policy.limit, cost], timeout_s)
         else:
             interval_us = policy.window_s * 1_000_000 / policy.limit
             reply = await self._lane.run(self._script, [redis_key],
-                                         [repr(interval_us), _burst(policy), cost])
+                                         [repr(interval_us), _burst(policy), cost], timeout_s)
         allowed, remaining, retry_us, reset_us = (int(value) for value in reply)
         decision = Decision(allowed=allowed == 1, limit=policy.limit, remaining=remaining,
                             retry_after_s=retry_us / 1e6, reset_after_s=reset_us / 1e6,
@@ -150,13 +152,13 @@ class RedisRateLimiter:
         return decision
 
     async def _check_quota(self, policy: Policy, period: QuotaPeriod, key: str,
-                           cost: int) -> Decision:
+                           cost: int, timeout_s: float | None) -> Decision:
         now = time.time()
         label, end = self._periods.current(period, now)
         redis_key = self._keys.quota(policy.id, policy.version, state_key(key), label)
         expire_at_ms = int((end + _QUOTA_GRACE_S) * 1000)
         reply: Any = await self._lane.run(self._quota, [redis_key],
-                                          [policy.limit, cost, expire_at_ms])
+                                          [policy.limit, cost, expire_at_ms], timeout_s)
         allowed, remaining = (int(value) for value in reply)
         left = max(0.0, end - now)
         decision = Decision(allowed == 1, policy.limit, remaining,
@@ -465,6 +467,8 @@ class FailoverRateLimiter:
         self._redis = redis_limiter
         self._held: Callable[[Policy, str, int], Decision | None] | None = (
             redis_limiter.check_held if isinstance(redis_limiter, HybridRateLimiter) else None)
+        # the Redis limiter bounds its own calls (the lane's deadlines): no timer per check
+        self._bounded = redis_limiter if isinstance(redis_limiter, RedisRateLimiter) else None
         self._local = local_limiter
         self.fail_mode = fail_mode
         self.timeout_s = timeout_s
@@ -493,9 +497,13 @@ class FailoverRateLimiter:
             if held is not None:
                 return held
         probing = gate.begin()
+        bounded = self._bounded
         try:
-            async with asyncio.timeout(self.timeout_s):
-                decision = await self._redis.check(policy, key, cost)
+            if bounded is not None:
+                decision = await bounded.check(policy, key, cost, self.timeout_s)
+            else:
+                async with asyncio.timeout(self.timeout_s):
+                    decision = await self._redis.check(policy, key, cost)
         except Exception as exc:  # Redis, network, timeout, or a bad reply: same remedy
             BACKEND_ERRORS.inc()
             gate.failed(exc, probing)

@@ -188,6 +188,28 @@ async def test_failover_closed_raises_then_recovers(tmp_path: Path) -> None:
         server.stop()
 
 
+async def test_failover_answers_locally_when_redis_is_busy_past_the_timeout(
+        redis_client: aioredis.Redis) -> None:
+    limiter = FailoverRateLimiter(RedisRateLimiter(redis_client, RedisKeys("t")),
+                                  LocalRateLimiter(), "open", timeout_s=0.05,
+                                  min_backoff_s=0.2, max_backoff_s=0.5)
+    policy = _policy(limit=10, window_s=60)
+    try:
+        assert (await limiter.check(policy, "busy")).backend == "redis"
+        blocker = aioredis.Redis(connection_pool=redis_client.connection_pool)
+        busy = asyncio.ensure_future(blocker.eval(  # keeps the one Redis thread for 0.4 s
+            "local t = redis.call('TIME') local n = t "
+            "while (n[1] - t[1]) * 1000000 + (n[2] - t[2]) < 400000 do "
+            "n = redis.call('TIME') end return 1", 0))
+        await asyncio.sleep(0.02)  # the script is running
+        decision = await limiter.check(policy, "busy")
+        assert decision.backend == "local"  # Redis would have answered, 0.4 s late
+        assert limiter.degraded
+        await busy
+    finally:
+        await limiter.close()
+
+
 class _CountingLimiter:
     """A real RedisRateLimiter that counts its round trips."""
 

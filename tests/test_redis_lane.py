@@ -12,7 +12,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
 from apigw.redis_server import RedisServer
-from proxy.redis_lane import LaneScript, RedisLane
+from proxy.redis_lane import LaneScript, LaneTimeout, RedisLane
 
 ECHO = LaneScript("return {KEYS[1], ARGV[1], redis.call('INCR', KEYS[1])}")
 SLOW = LaneScript("""
@@ -112,6 +112,39 @@ async def test_an_abandoned_call_drops_the_connection_and_the_next_call_reconnec
         async with asyncio.timeout(0.05):
             await lane.run(SLOW, ["s"], [300_000])  # Redis busy for 0.3 s
     assert (await lane.run(ECHO, ["b"], ["z"]))[1] == b"z"
+
+
+async def test_a_call_past_its_deadline_fails_with_the_calls_behind_it_then_reconnects(
+        lane: RedisLane) -> None:
+    await lane.run(ECHO, ["t"], [0])
+    first = lane._writer
+    slow = asyncio.ensure_future(lane.run(SLOW, ["t"], [400_000], timeout_s=0.05))
+    behind = asyncio.ensure_future(lane.run(ECHO, ["t"], [1], timeout_s=5.0))
+    with pytest.raises(LaneTimeout):
+        await slow  # Redis is busy for 0.4 s: without the deadline this would succeed
+    with pytest.raises(LaneTimeout):
+        await behind  # queued on the same stuck connection
+    assert lane._writer is None
+    assert not lane._deadlines
+    assert (await lane.run(ECHO, ["t"], [2], timeout_s=5.0))[1] == b"2"
+    assert lane._writer is not None
+    assert lane._writer is not first
+
+
+async def test_calls_answered_in_time_keep_the_connection_and_leave_no_deadline_behind(
+        lane: RedisLane) -> None:
+    await lane.run(ECHO, ["k"], [0])
+    writer = lane._writer
+    replies = await asyncio.gather(*(lane.run(ECHO, ["k"], [n], timeout_s=0.1)
+                                     for n in range(200)))
+    assert [int(count) for _, _, count in replies] == list(range(2, 202))
+    assert lane._deadline_timer is not None  # armed lazily; not cancelled per reply
+    await asyncio.sleep(0.2)  # past every deadline: the timer finds them all answered
+    assert lane._writer is writer
+    assert not lane._deadlines
+    assert lane._deadline_timer is None
+    assert (await lane.run(ECHO, ["k"], [9], timeout_s=0.1))[1] == b"9"
+    assert lane._writer is writer
 
 
 async def test_redis_down_fails_fast_and_the_lane_recovers_when_it_returns(
