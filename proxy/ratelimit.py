@@ -42,6 +42,7 @@ SLIDING_SCRIPT: Final = (Path(__file__).with_name("ratelimit_sliding.lua")
 QUOTA_SCRIPT: Final = (Path(__file__).with_name("ratelimit_quota.lua")).read_text(encoding="utf-8")
 _KEY_MAX: Final = 128  # longer client keys are hashed so state keys stay small
 _QUOTA_GRACE_S: Final = 3600  # counters outlive their period by this much (clock skew)
+_ARGS_MEMO_MAX: Final = 10_000  # policies whose script arguments are kept computed
 _V = TypeVar("_V")
 
 BACKEND_ERRORS = Counter("apigw_ratelimit_backend_errors_total",
@@ -126,6 +127,7 @@ class RedisRateLimiter:
         self._sliding = LaneScript(SLIDING_SCRIPT)
         self._quota = LaneScript(QUOTA_SCRIPT)
         self._periods = QuotaPeriods()
+        self._gcra: dict[tuple[str, int], tuple[str, int, Policy]] = {}
 
     async def close(self) -> None:
         await self._lane.close()
@@ -141,15 +143,26 @@ class RedisRateLimiter:
             reply = await self._lane.run(self._sliding, [redis_key], [
                 round(policy.window_s * 1_000_000), policy.limit, cost], timeout_s)
         else:
-            interval_us = policy.window_s * 1_000_000 / policy.limit
-            reply = await self._lane.run(self._script, [redis_key],
-                                         [repr(interval_us), _burst(policy), cost], timeout_s)
-        allowed, remaining, retry_us, reset_us = (int(value) for value in reply)
+            interval, burst = self._gcra_args(policy)
+            reply = await self._lane.run(self._script, [redis_key], [interval, burst, cost],
+                                         timeout_s)
+        allowed, remaining, retry_us, reset_us = map(int, reply)
         decision = Decision(allowed=allowed == 1, limit=policy.limit, remaining=remaining,
                             retry_after_s=retry_us / 1e6, reset_after_s=reset_us / 1e6,
                             backend="redis")
         _CHECK_COUNTERS["redis", decision.allowed].inc()
         return decision
+
+    def _gcra_args(self, policy: Policy) -> tuple[str, int]:
+        """The GCRA script's emission interval (µs, as text) and burst, once per policy."""
+        slot = (policy.id, policy.version)
+        args = self._gcra.get(slot)
+        if args is None or args[2] is not policy:
+            args = (repr(policy.window_s * 1_000_000 / policy.limit), _burst(policy), policy)
+            if len(self._gcra) >= _ARGS_MEMO_MAX:
+                self._gcra.clear()
+            self._gcra[slot] = args
+        return args[0], args[1]
 
     async def _check_quota(self, policy: Policy, period: QuotaPeriod, key: str,
                            cost: int, timeout_s: float | None) -> Decision:

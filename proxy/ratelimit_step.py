@@ -21,6 +21,7 @@ fields list the policies of both phases.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
@@ -74,7 +75,9 @@ def ratelimit_headers(policy_id: str, limit: int, window_s: float, remaining: in
             "RateLimit": state_item(policy_id, remaining, reset_s)}
 
 
+@functools.lru_cache(maxsize=4096)
 def policy_item(policy_id: str, limit: int, window_s: float) -> str:
+    """The RateLimit-Policy item of one policy (the same for every request it checks)."""
     return f'"{policy_id}";q={limit};w={max(1, math.ceil(window_s))}'
 
 
@@ -183,10 +186,17 @@ class _Limiting:
                 response: web.StreamResponse | None) -> web.StreamResponse | None:
         if checked:
             headers = ex.response_headers
-            headers["RateLimit-Policy"] = ", ".join(
-                policy_item(p.id, d.limit, _window_of(p)) for p, d in checked)
-            headers["RateLimit"] = ", ".join(
-                state_item(p.id, d.remaining, d.reset_after_s) for p, d in checked)
+            if len(checked) == 1:  # the usual case: one policy, no list to join
+                (policy, decision), = checked
+                headers["RateLimit-Policy"] = policy_item(policy.id, decision.limit,
+                                                          _window_of(policy))
+                headers["RateLimit"] = state_item(policy.id, decision.remaining,
+                                                  decision.reset_after_s)
+            else:
+                headers["RateLimit-Policy"] = ", ".join(
+                    policy_item(p.id, d.limit, _window_of(p)) for p, d in checked)
+                headers["RateLimit"] = ", ".join(
+                    state_item(p.id, d.remaining, d.reset_after_s) for p, d in checked)
             if self.legacy_headers:
                 _, tightest = min(checked, key=lambda pd: pd[1].remaining)
                 headers["X-RateLimit-Limit"] = str(tightest.limit)
