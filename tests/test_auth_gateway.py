@@ -10,6 +10,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from prometheus_client import REGISTRY
 
 import tests.test_proxy as proxy_tests
 from proxy.auth.apikeys import ApiKeyRecord, ApiKeyStore, digest
@@ -66,11 +67,17 @@ def auth_config(upstream: str, keys: KeySet, **extra: Any) -> GatewayConfig:
     return GatewayConfig.model_validate(document)
 
 
+def _outcomes(method: str, outcome: str, reason: str = "") -> float:
+    return REGISTRY.get_sample_value("apigw_auth_outcomes_total", {
+        "method": method, "outcome": outcome, "reason": reason}) or 0.0
+
+
 async def test_jwt_and_api_key_success_recorded(upstream: str, keys: KeySet,
                                                 start_gateway: GatewayFactory,
                                                 client: aiohttp.ClientSession) -> None:
     gw = await start_gateway(auth_config(upstream, keys))
     token = sign(keys.rsa, "RS256")
+    before = {method: _outcomes(method, "success") for method in ("jwt", "api_key")}
     async with client.get(f"{gw.url}/orders/1", headers={
             "Authorization": f"Bearer {token}", "X-Request-Id": "jwt-ok"}) as response:
         assert response.status == 200
@@ -92,6 +99,8 @@ async def test_jwt_and_api_key_success_recorded(upstream: str, keys: KeySet,
                                                         "globex", "free")
     assert CONFIG_KEY not in events["query-ok"]["url_query"]
     assert events["anon"]["auth_outcome"] == "none"
+    assert _outcomes("jwt", "success") - before["jwt"] == 1
+    assert _outcomes("api_key", "success") - before["api_key"] == 2
 
 
 async def test_rejections_are_401_with_challenge_and_reason(
