@@ -15,7 +15,8 @@ that shows as req/s is the wall-clock benchmark's question (bench/harness.py).
 
     .venv/bin/python bench/instructions.py --configs minimal,full --base /tmp/base
 
-Needs valgrind (Debian package `valgrind`); started processes are stopped by their own pids.
+Needs valgrind (Debian package `valgrind`; installed when missing and run as root); started
+processes are stopped by their own pids.
 """
 
 from __future__ import annotations
@@ -105,6 +106,21 @@ def start(bench: Bench, name: str, source: str, root: Path, tmp: Path) -> Counte
     return Counted(name, port, process.pid, out, headers)
 
 
+def ensure_valgrind() -> None:
+    """Installs Debian's valgrind when missing and running as root (as bench/run.sh does for
+    wrk and nginx); otherwise says how."""
+    if shutil.which("valgrind") and shutil.which("callgrind_control"):
+        return
+    if os.geteuid() == 0 and shutil.which("apt-get"):
+        print("instructions: installing valgrind (Debian package)", flush=True)
+        subprocess.run(["apt-get", "update", "-qq"], check=True)
+        subprocess.run(["apt-get", "install", "-y", "-qq", "valgrind"], check=True,
+                       env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+    if not (shutil.which("valgrind") and shutil.which("callgrind_control")):
+        raise SystemExit("instructions: valgrind is not installed "
+                         "(apt-get install -y valgrind)")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configs", default="minimal,full",
@@ -114,9 +130,7 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=300)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
-    if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
-        raise SystemExit("instructions: valgrind is not installed "
-                         "(apt-get install -y valgrind)")
+    ensure_valgrind()
     with tempfile.TemporaryDirectory(prefix="apigw-instr-") as tmp_dir:
         tmp = Path(tmp_dir)
         bench = Bench(tmp)
