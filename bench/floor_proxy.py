@@ -49,6 +49,22 @@ def _content_length(head: bytes) -> int:
     return int(lower[at + 17:end if end >= 0 else None].strip())
 
 
+def _take_message(buffer: bytearray) -> tuple[bytes, bytes] | None:
+    """The first complete message in `buffer` (removed from it) as (head, rest after the
+    head's last field: the blank line and the body); None until one has fully arrived.
+    Raises ValueError on a Content-Length that is not a number."""
+    end = buffer.find(_HEAD_END)
+    if end < 0:
+        return None
+    head = bytes(buffer[:end])
+    total = end + 4 + _content_length(head)
+    if len(buffer) < total:
+        return None
+    rest = bytes(buffer[end:total])
+    del buffer[:total]
+    return head, rest
+
+
 class UpstreamSide(asyncio.Protocol):
     def __init__(self, client: ClientSide) -> None:
         self.client = client
@@ -61,15 +77,8 @@ class UpstreamSide(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data
-        while True:
-            end = self.buffer.find(_HEAD_END)
-            if end < 0:
-                return
-            total = end + 4 + _content_length(bytes(self.buffer[:end]))
-            if len(self.buffer) < total:
-                return
-            response = bytes(self.buffer[:total])
-            del self.buffer[:total]
+        while (message := _take_message(self.buffer)) is not None:
+            response = message[0] + message[1]
             future = self.waiting.popleft()
             if future is None:
                 self.client.send(response)
@@ -106,20 +115,16 @@ class ClientSide(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.buffer += data
         while True:
-            end = self.buffer.find(_HEAD_END)
-            if end < 0:
-                return
-            head = bytes(self.buffer[:end])
             try:
-                total = end + 4 + _content_length(head)
+                message = _take_message(self.buffer)
             except ValueError:
                 self.send(_BAD_REQUEST)
                 self.close()
                 return
-            if len(self.buffer) < total:
+            if message is None:
                 return
-            request = self._rewrite(head) + bytes(self.buffer[end:total])
-            del self.buffer[:total]
+            head, rest = message
+            request = self._rewrite(head) + rest
             if self.upstream is None:
                 self.pending.append(request)
             else:

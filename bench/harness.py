@@ -217,7 +217,7 @@ def wrk(url: str, connections: int, duration: str, cpus: str | None,
 @dataclass
 class Target:
     name: str
-    kind: str  # direct | nginx | naive | gateway
+    kind: str  # direct | nginx | naive | floor | gateway
     port: int
     pids: list[int]  # the system under test (for CPU and RSS)
     cpus: str | None  # where wrk runs while measuring it
@@ -349,7 +349,7 @@ class Bench:
                 "--upstream", f"127.0.0.1:{self.upstream_port}", "--style", style], SUT_CPU,
                 env={**os.environ, "PYTHONPATH": str(ROOT)})
             wait_http(f"http://127.0.0.1:{port}{PATH}", process=process)
-            self.targets.append(Target(name, "naive", port, [process.pid], LOAD_CPU,
+            self.targets.append(Target(name, "floor", port, [process.pid], LOAD_CPU,
                                        f"floor_proxy.py --style {style}"))
 
     def gateway_config(self, name: str, source: str, routes: int) -> Path:

@@ -172,7 +172,7 @@ class RedisRateLimiter:
         expire_at_ms = int((end + _QUOTA_GRACE_S) * 1000)
         reply: Any = await self._lane.run(self._quota, [redis_key],
                                           [policy.limit, cost, expire_at_ms], timeout_s)
-        allowed, remaining = (int(value) for value in reply)
+        allowed, remaining = map(int, reply)
         left = max(0.0, end - now)
         decision = Decision(allowed == 1, policy.limit, remaining,
                             0.0 if allowed == 1 else left, left, "redis")

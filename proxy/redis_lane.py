@@ -126,14 +126,13 @@ class RedisLane:
         """The deadline timer: a call past its deadline drops the connection; otherwise the
         timer is armed again at the earliest deadline still waiting."""
         self._deadline_timer = None
-        deadlines = self._deadlines
-        while deadlines and deadlines[0][1].done():
-            deadlines.popleft()
-        if not deadlines:
+        pending = [(deadline, waiter) for deadline, waiter in self._deadlines
+                   if not waiter.done()]
+        if not pending:
+            self._deadlines.clear()
             return
         loop = asyncio.get_running_loop()
         now = loop.time()
-        pending = [(deadline, waiter) for deadline, waiter in deadlines if not waiter.done()]
         if any(deadline <= now for deadline, _ in pending):
             self._abandon(LaneTimeout("no reply from Redis within the deadline"))
             return
