@@ -12,10 +12,15 @@ venv=".venv"
 
 say() { printf 'bootstrap: %s\n' "$*"; }
 
-# The first of python3.11, python3 (or $PYTHON) that is at least 3.11.
+# The first that is at least 3.11 of: $PYTHON, the distribution's /usr/bin/python3.11 and
+# /usr/bin/python3, then python3.11, python3.12, python3.13, python3 on PATH. The
+# distribution's comes before PATH so that a pyenv or asdf shim does not win by accident: a
+# default pyenv build (shared libpython, no PGO/LTO) runs the gateway ~20% slower than
+# Debian's python3.11 (bench/README.md, "Which Python").
 find_python() {
     local candidate
-    for candidate in ${PYTHON:-} python3.11 python3.12 python3.13 python3; do
+    for candidate in ${PYTHON:-} /usr/bin/python3.11 /usr/bin/python3 python3.11 python3.12 \
+            python3.13 python3; do
         command -v "$candidate" >/dev/null 2>&1 || continue
         if "$candidate" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)' \
                 2>/dev/null; then
