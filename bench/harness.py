@@ -19,7 +19,10 @@ default 30s; 300s for the 5-minute check; 0 skips it), BENCH_PROFILE=1 or a targ
 BENCH_KEEP=1 (keep the temp dir with logs), BENCH_BASE_ROOT=<checkout> (every selected gateway
 configuration also runs from that checkout, e.g. a `git worktree` of the previous commit, as
 `<name>-base`: before and after in one run), BENCH_VARIANT_ENV=NAME=VALUE[,...] (every selected
-gateway configuration also runs with those variables as `<name>-variant`).
+gateway configuration also runs with those variables as `<name>-variant`),
+BENCH_VARIANT_PYTHON=<interpreter of another venv> (the naive proxy and every selected gateway
+configuration also run under that interpreter as `<name>-py`: e.g. Debian's python3.11 against
+a pyenv build, side by side).
 """
 
 from __future__ import annotations
@@ -264,6 +267,8 @@ class Bench:
         self.base_root = Path(base).resolve() if base else None
         variant = os.environ.get("BENCH_VARIANT_ENV", "").strip()
         self.variant_env = dict(item.split("=", 1) for item in variant.split(",") if "=" in item)
+        variant_python = os.environ.get("BENCH_VARIANT_PYTHON", "").strip()
+        self.variant_python = variant_python or None
         only = os.environ.get("BENCH_ONLY", "").strip()
         self.only = {name.strip() for name in only.split(",") if name.strip()}
         self.targets: list[Target] = []
@@ -327,13 +332,18 @@ class Bench:
     def add_naive(self) -> None:
         if not self.want("naive"):
             return
-        port = free_port()
-        process = self.procs.start("naive", [
-            self.python, str(BENCH / "naive_proxy.py"), "--listen", f"127.0.0.1:{port}",
-            "--upstream", f"http://127.0.0.1:{self.upstream_port}"], SUT_CPU)
-        wait_http(f"http://127.0.0.1:{port}{PATH}", process=process)
-        self.targets.append(Target("naive", "naive", port, [process.pid], LOAD_CPU,
-                                   "aiohttp web.Application + shared ClientSession + uvloop"))
+        runs = [("naive", self.python, "")]
+        if self.variant_python is not None:
+            runs.append(("naive-py", self.variant_python, f" [{self.variant_python}]"))
+        for name, python, note in runs:
+            port = free_port()
+            process = self.procs.start(name, [
+                python, str(BENCH / "naive_proxy.py"), "--listen", f"127.0.0.1:{port}",
+                "--upstream", f"http://127.0.0.1:{self.upstream_port}"], SUT_CPU)
+            wait_http(f"http://127.0.0.1:{port}{PATH}", process=process)
+            self.targets.append(Target(
+                name, "naive", port, [process.pid], LOAD_CPU,
+                "aiohttp web.Application + shared ClientSession + uvloop" + note))
 
     def add_floor(self) -> None:
         """Opt-in (named in BENCH_ONLY): `floor_proxy.py`, the least a Python proxy on uvloop
@@ -371,23 +381,29 @@ class Bench:
         if not self.want(name):
             return
         env = env or {}
-        runs = [(name, ROOT, note, env)]
+        python = self.python
+        runs = [(name, ROOT, note, env, python)]
         if self.base_root is not None:
-            runs.append((f"{name}-base", self.base_root, f"{note} [{self.base_root}]", env))
+            runs.append((f"{name}-base", self.base_root, f"{note} [{self.base_root}]", env,
+                         python))
         if self.variant_env:
             runs.append((f"{name}-variant", ROOT, f"{note} [{self.variant_env}]",
-                         {**env, **self.variant_env}))
-        for run_name, root, run_note, run_env in runs:
+                         {**env, **self.variant_env}, python))
+        if self.variant_python is not None:
+            runs.append((f"{name}-py", ROOT, f"{note} [{self.variant_python}]", env,
+                         self.variant_python))
+        for run_name, root, run_note, run_env, run_python in runs:
             try:
                 self._add_gateway(run_name, source, workers, routes, pinned, run_env,
-                                  run_note, root)
+                                  run_note, root, run_python)
             except (RuntimeError, OSError) as exc:
                 print(f"bench: SKIPPED {run_name}: {exc} "
                       f"(log: {self.logs / f'gw-{run_name}.log'})", flush=True)
                 self.skipped[run_name] = str(exc)
 
     def _add_gateway(self, name: str, source: str, workers: int, routes: int, pinned: bool,
-                     env: dict[str, str], note: str, root: Path = ROOT) -> None:
+                     env: dict[str, str], note: str, root: Path = ROOT,
+                     python: str = "") -> None:
         port, admin = free_port(), free_port()
         config = self.gateway_config(name, source, routes)
         process_env = {**os.environ, "APIGW_REDIS_URL": self.redis_url,
@@ -399,7 +415,7 @@ class Bench:
         if root != ROOT:  # the other checkout's packages first (and as the working dir)
             process_env["PYTHONPATH"] = str(root)
         process = self.procs.start(f"gw-{name}", [
-            self.python, "-m", "apigw.cli", "proxy", "--config", str(config),
+            python or self.python, "-m", "apigw.cli", "proxy", "--config", str(config),
             "--listen", f"127.0.0.1:{port}", "--admin", f"127.0.0.1:{admin}",
             "--workers", str(workers)], SUT_CPU if pinned else None, env=process_env, cwd=root)
         wait_http(f"http://127.0.0.1:{admin}/readyz", timeout=60, process=process)
@@ -667,9 +683,15 @@ def machine() -> dict[str, Any]:
     versions = subprocess.run([sys.executable, "-c", "import aiohttp, uvloop; "
                                "print(aiohttp.__version__, uvloop.__version__)"],
                               capture_output=True, text=True, check=False).stdout.split()
+    with open("/proc/self/maps", encoding="ascii", errors="replace") as maps:
+        shared = any("libpython" in line for line in maps)
     wrk_v = subprocess.run(["wrk", "-v"], capture_output=True, text=True, check=False)
     return {"cpu": model, "cores": os.cpu_count(), "kernel": platform.release(),
-            "python": platform.python_version(), "aiohttp": versions[0] if versions else "",
+            "python": platform.python_version(),
+            "python_executable": os.path.realpath(sys.executable),
+            "python_build": ("libpython shared" if shared else "libpython static")
+            + f", {platform.python_compiler()}, built {platform.python_build()[1]}",
+            "aiohttp": versions[0] if versions else "",
             "uvloop": versions[1] if len(versions) > 1 else "",
             "nginx": nginx.stderr.strip().rpartition("/")[2],
             "wrk": (wrk_v.stdout or wrk_v.stderr).split()[1] if (wrk_v.stdout or wrk_v.stderr)

@@ -70,6 +70,13 @@ def last_dump_total(out: Path) -> int:
     raise RuntimeError(f"no summary in {dumps[-1]}")
 
 
+def keep_dump(target: Counted, into: Path) -> None:
+    dumps = sorted(target.out.parent.glob(target.out.name + ".*"),
+                   key=lambda p: int(p.suffix[1:]))
+    into.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(dumps[-1], into / f"callgrind-{target.name}.out")
+
+
 def send(port: int, headers: dict[str, str], count: int) -> None:
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
     try:
@@ -129,6 +136,8 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=2000, help="per round and target")
     parser.add_argument("--warmup", type=int, default=300)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--keep", type=Path, help="copy each target's last dump here "
+                        "(callgrind-<target>.out, for callgrind_annotate)")
     args = parser.parse_args()
     ensure_valgrind()
     with tempfile.TemporaryDirectory(prefix="apigw-instr-") as tmp_dir:
@@ -156,6 +165,8 @@ def main() -> int:
                     callgrind_control("-d", str(target.pid))
                     per_request = last_dump_total(target.out) / args.requests
                     target.per_request.append(per_request)
+                    if args.keep is not None:
+                        keep_dump(target, args.keep)
                     print(f"  round {round_no} {target.name:<16} {per_request:>10,.0f} "
                           "instructions / request", flush=True)
         finally:
