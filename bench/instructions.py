@@ -29,6 +29,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -77,7 +78,14 @@ def keep_dump(target: Counted, into: Path) -> None:
     shutil.copyfile(dumps[-1], into / f"callgrind-{target.name}.out")
 
 
-def send(port: int, headers: dict[str, str], count: int) -> None:
+def send(port: int, headers: dict[str, str], count: int, concurrency: int = 1) -> None:
+    """`count` requests over `concurrency` keep-alive connections at once (threads)."""
+    if concurrency > 1:
+        shares = [count // concurrency + (i < count % concurrency) for i in range(concurrency)]
+        with ThreadPoolExecutor(concurrency) as pool:
+            for future in [pool.submit(send, port, headers, n) for n in shares]:
+                future.result()
+        return
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
     try:
         for _ in range(count):
@@ -136,6 +144,10 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=2000, help="per round and target")
     parser.add_argument("--warmup", type=int, default=300)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--concurrency", type=int, default=1,
+                        help="connections sending at once (1: one request at a time, every "
+                        "request pays a whole event-loop turn; 16+: the loop batches, as under "
+                        "the throughput benchmark's load)")
     parser.add_argument("--keep", type=Path, help="copy each target's last dump here "
                         "(callgrind-<target>.out, for callgrind_annotate)")
     args = parser.parse_args()
@@ -154,14 +166,14 @@ def main() -> int:
                     print(f"instructions: starting {name} under callgrind", flush=True)
                     targets.append(start(bench, name, f"{source}.yaml", root, tmp))
             for target in targets:
-                send(target.port, target.headers, args.warmup)
+                send(target.port, target.headers, args.warmup, args.concurrency)
                 callgrind_control("-i", "on", str(target.pid))
-                send(target.port, target.headers, args.warmup)
+                send(target.port, target.headers, args.warmup, args.concurrency)
             for round_no in range(1, args.rounds + 1):
                 order = targets if round_no % 2 else list(reversed(targets))
                 for target in order:
                     callgrind_control("-d", str(target.pid))  # start counting from here
-                    send(target.port, target.headers, args.requests)
+                    send(target.port, target.headers, args.requests, args.concurrency)
                     callgrind_control("-d", str(target.pid))
                     per_request = last_dump_total(target.out) / args.requests
                     target.per_request.append(per_request)
