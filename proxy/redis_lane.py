@@ -10,7 +10,9 @@ requests.
 
 The connection is made by redis-py's connection class with the client's own settings, so the
 URL, TLS, credentials, database and protocol of `APIGW_REDIS_URL` apply unchanged; the lane
-then reads and writes that connection's streams itself. A call whose caller gives up (the
+then takes over that connection's transport with a protocol of its own (`_LaneProtocol`):
+replies are parsed and handed to their callers in the transport's data callback, with no
+stream reader and no reading task to wake in between. A call whose caller gives up (the
 failover limiter's timeout) or a connection that fails or closes fails every call waiting
 on it and drops the connection; the next call connects again.
 
@@ -25,7 +27,6 @@ scheduled and cancelled per request, ~28k instructions) is gone from the hot pat
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 from collections import deque
 from typing import Any, Final
@@ -36,7 +37,6 @@ from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 
-_READ_SIZE: Final = 65536
 _NOSCRIPT: Final = "NOSCRIPT"
 
 
@@ -55,14 +55,50 @@ class LaneScript:
         self.sha = hashlib.sha1(source.encode("utf-8"), usedforsecurity=False).hexdigest()
 
 
+class _LaneProtocol(asyncio.Protocol):
+    """The lane connection's transport callbacks: replies are parsed as they arrive and
+    resolve the waiting calls in order."""
+
+    def __init__(self, lane: RedisLane, connection: AbstractConnection) -> None:
+        self._lane = lane
+        self._connection = connection
+        self._parser = hiredis.Reader(replyError=ResponseError, notEnoughData=False)
+
+    def data_received(self, data: bytes) -> None:
+        parser = self._parser
+        waiters = self._lane._waiters
+        try:
+            parser.feed(data)
+            while (reply := parser.gets()) is not False:
+                if not waiters:
+                    raise RedisConnectionError("Redis sent a reply nobody asked for")
+                waiter = waiters.popleft()
+                if not waiter.done():
+                    if isinstance(reply, ResponseError) and str(reply).startswith(_NOSCRIPT):
+                        reply = NoScriptError(str(reply))
+                    waiter.set_result(reply)
+        except Exception as exc:  # a bad reply: this connection is done
+            error = exc if isinstance(exc, RedisConnectionError) else RedisConnectionError(
+                f"the Redis lane failed: {type(exc).__name__}: {exc}")
+            self._lane._lost(self._connection, error)
+
+    def eof_received(self) -> bool:
+        self._lane._lost(self._connection, RedisConnectionError("Redis closed the connection"))
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lane._lost(self._connection, RedisConnectionError(
+            "Redis closed the connection" if exc is None
+            else f"the Redis lane failed: {type(exc).__name__}: {exc}"))
+
+
 class RedisLane:
     """One pipelined connection for script calls; concurrent calls share it in order."""
 
     def __init__(self, client: aioredis.Redis) -> None:
         self._pool = client.connection_pool
         self._connection: AbstractConnection | None = None
-        self._writer: asyncio.StreamWriter | None = None
-        self._read_task: asyncio.Task[None] | None = None
+        self._transport: asyncio.WriteTransport | None = None
         self._connecting: asyncio.Future[None] | None = None
         self._waiters: deque[asyncio.Future[Any]] = deque()
         self._unsent: list[bytes] = []
@@ -92,14 +128,14 @@ class RedisLane:
     # -- one call ---------------------------------------------------------------------------
 
     async def _call(self, command: tuple[Any, ...], deadline: float | None = None) -> Any:
-        writer = self._writer
-        if writer is None or writer.is_closing():
+        transport = self._transport
+        if transport is None or transport.is_closing():
             if deadline is None:
-                writer = await self._connect()
+                transport = await self._connect()
             else:
                 try:
                     async with asyncio.timeout_at(deadline):
-                        writer = await self._connect()
+                        transport = await self._connect()
                 except TimeoutError as exc:
                     raise LaneTimeout("no connection to Redis within the deadline") from exc
         loop = asyncio.get_running_loop()
@@ -113,7 +149,7 @@ class RedisLane:
                     timer.cancel()
                 self._deadline_timer = loop.call_at(deadline, self._check_deadlines)
         if not self._unsent:
-            loop.call_soon(self._send, writer)
+            loop.call_soon(self._send, transport)
         self._unsent.append(hiredis.pack_command(command))
         try:
             return await waiter
@@ -140,16 +176,16 @@ class RedisLane:
         self._deadline_timer = loop.call_at(min(deadline for deadline, _ in pending),
                                             self._check_deadlines)
 
-    def _send(self, writer: asyncio.StreamWriter) -> None:
-        if writer is not self._writer:  # dropped since: its calls have failed already
+    def _send(self, transport: asyncio.WriteTransport) -> None:
+        if transport is not self._transport:  # dropped since: its calls have failed already
             return
-        if writer.is_closing():  # closed since the calls were queued: they cannot be answered
+        if transport.is_closing():  # closed since the calls were queued: unanswerable
             self._abandon(RedisConnectionError("the Redis lane's connection closed"))
             return
         unsent, self._unsent = self._unsent, []
-        writer.write(b"".join(unsent))
+        transport.write(b"".join(unsent))
 
-    async def _connect(self) -> asyncio.StreamWriter:
+    async def _connect(self) -> asyncio.WriteTransport:
         if self._closed:
             raise RedisConnectionError("the rate limiter's Redis lane is closed")
         connecting = self._connecting
@@ -161,12 +197,7 @@ class RedisLane:
                 connection: AbstractConnection = (
                     self._pool.make_connection())  # type: ignore[no-untyped-call]
                 await connection.connect()  # type: ignore[no-untyped-call]
-                reader, writer = connection._reader, connection._writer
-                if reader is None or writer is None:
-                    raise RedisConnectionError("the Redis connection has no streams")
-                self._connection, self._writer = connection, writer
-                self._read_task = asyncio.get_running_loop().create_task(
-                    self._read(reader, connection))
+                self._connection, self._transport = connection, self._take_over(connection)
                 connecting.set_result(None)
             except BaseException as exc:
                 connecting.set_exception(exc if isinstance(exc, Exception)
@@ -175,35 +206,27 @@ class RedisLane:
                 raise
             finally:
                 self._connecting = None
-        writer = self._writer
-        if writer is None or writer.is_closing():
+        transport = self._transport
+        if transport is None or transport.is_closing():
             raise RedisConnectionError("the Redis lane's connection closed")
-        return writer
+        return transport
 
-    async def _read(self, reader: asyncio.StreamReader, connection: AbstractConnection) -> None:
-        parser = hiredis.Reader(replyError=ResponseError, notEnoughData=False)
-        waiters = self._waiters
-        error: Exception = RedisConnectionError("Redis closed the connection")
-        try:
-            while True:
-                data = await reader.read(_READ_SIZE)
-                if not data:
-                    break
-                parser.feed(data)
-                while (reply := parser.gets()) is not False:
-                    if not waiters:
-                        raise RedisConnectionError("Redis sent a reply nobody asked for")
-                    waiter = waiters.popleft()
-                    if not waiter.done():
-                        if isinstance(reply, ResponseError) and \
-                                str(reply).startswith(_NOSCRIPT):
-                            reply = NoScriptError(str(reply))
-                        waiter.set_result(reply)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # a broken stream or a bad reply: this connection is done
-            error = exc if isinstance(exc, RedisConnectionError) else RedisConnectionError(
-                f"the Redis lane failed: {type(exc).__name__}: {exc}")
+    def _take_over(self, connection: AbstractConnection) -> asyncio.WriteTransport:
+        """Move the connected redis-py connection's transport (its handshake done) from
+        redis-py's stream reader to the lane's protocol."""
+        reader, writer = connection._reader, connection._writer
+        if reader is None or writer is None:
+            raise RedisConnectionError("the Redis connection has no streams")
+        transport = writer.transport  # (uvloop's TLS transport is no WriteTransport subclass)
+        if transport.is_closing():
+            raise RedisConnectionError("the Redis lane's connection closed")
+        protocol = _LaneProtocol(self, connection)
+        transport.set_protocol(protocol)
+        if reader.at_eof() or reader.exception() is not None:
+            raise RedisConnectionError("the Redis lane's connection closed")
+        return transport
+
+    def _lost(self, connection: AbstractConnection, error: Exception) -> None:
         if self._connection is connection:
             self._abandon(error)
 
@@ -211,11 +234,8 @@ class RedisLane:
 
     def _abandon(self, error: Exception) -> None:
         """Fail every waiting call and forget the connection (closed in the background)."""
-        task = self._read_task
-        if task is not None and task is not asyncio.current_task():
-            task.cancel()
-        self._read_task = None
-        connection, self._connection, self._writer = self._connection, None, None
+        self._connection = None
+        transport, self._transport = self._transport, None
         waiters, self._waiters = self._waiters, deque()
         self._unsent = []
         self._deadlines = deque()
@@ -225,17 +245,11 @@ class RedisLane:
         for waiter in waiters:
             if not waiter.done():
                 waiter.set_exception(error)
-        if connection is not None:
-            transport = getattr(connection._writer, "transport", None)
-            if transport is not None:
-                transport.abort()
+        if transport is not None:
+            transport.abort()
 
     async def _drop(self, error: Exception) -> None:
-        task = self._read_task
         connection = self._connection
         self._abandon(error)
-        if task is not None:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
         if connection is not None:
             await connection.disconnect(nowait=True)

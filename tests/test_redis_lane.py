@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
@@ -23,6 +24,21 @@ while (now[1] - started[1]) * 1000000 + (now[2] - started[2]) < tonumber(ARGV[1]
 end
 return 1
 """)
+
+
+class CountingTransport:
+    """The lane's transport, its writes recorded."""
+
+    def __init__(self, inner: asyncio.WriteTransport) -> None:
+        self.inner = inner
+        self.writes: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(data)
+        self.inner.write(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
 
 
 @pytest.fixture
@@ -50,20 +66,14 @@ async def test_concurrent_calls_share_one_connection_and_each_gets_its_own_answe
 async def test_calls_made_in_one_turn_of_the_loop_go_out_in_one_write(
         lane: RedisLane, monkeypatch: pytest.MonkeyPatch) -> None:
     await lane.run(ECHO, ["w"], [0])  # connected
-    writer = lane._writer
-    assert writer is not None
-    writes: list[bytes] = []
-    write = writer.write
-
-    def counted(data: bytes) -> None:
-        writes.append(data)
-        write(data)
-
-    monkeypatch.setattr(writer, "write", counted)
+    transport = lane._transport
+    assert transport is not None
+    counting = CountingTransport(transport)
+    monkeypatch.setattr(lane, "_transport", counting)
     replies = await asyncio.gather(*(lane.run(ECHO, ["w"], [n]) for n in range(100)))
     assert [int(count) for _, _, count in replies] == list(range(2, 102))
-    assert len(writes) == 1
-    assert writes[0].count(b"EVALSHA") == 100
+    assert len(counting.writes) == 1
+    assert counting.writes[0].count(b"EVALSHA") == 100
 
 
 async def test_a_call_queued_when_the_connection_drops_fails_and_the_next_reconnects(
@@ -80,15 +90,31 @@ async def test_a_call_queued_when_the_connection_drops_fails_and_the_next_reconn
 async def test_calls_queued_when_the_connection_closes_fail_and_the_next_reconnects(
         lane: RedisLane) -> None:
     await lane.run(ECHO, ["q"], [0])
-    writer = lane._writer
-    assert writer is not None
+    transport = lane._transport
+    assert transport is not None
     queued = asyncio.ensure_future(lane.run(ECHO, ["q"], [1]))
     await asyncio.sleep(0)  # queued for the end of the turn, not written
-    writer.transport.abort()
+    transport.abort()
     with pytest.raises(RedisConnectionError):
         async with asyncio.timeout(1.0):  # at once, not when some timeout notices
             await queued
     assert (await lane.run(ECHO, ["q"], [2]))[1] == b"2"
+
+
+async def test_redis_closing_the_connection_is_noticed_and_the_next_call_reconnects(
+        redis_client: aioredis.Redis, lane: RedisLane) -> None:
+    await lane.run(ECHO, ["x"], [0])
+    first = lane._transport
+    ids = [client["id"] for client in await redis_client.client_list()
+           if client.get("cmd") == "evalsha"]
+    assert len(ids) == 1  # the lane's connection, its last command the script call
+    await redis_client.execute_command("CLIENT", "KILL", "ID", ids[0])
+    async with asyncio.timeout(2.0):  # noticed when the connection closes, not on a call
+        while lane._transport is not None:
+            await asyncio.sleep(0.01)
+    assert (await lane.run(ECHO, ["x"], [1]))[1:] == [b"1", 2]
+    assert lane._transport is not None
+    assert lane._transport is not first
 
 
 async def test_a_script_redis_does_not_have_is_sent_whole_once(
@@ -117,34 +143,34 @@ async def test_an_abandoned_call_drops_the_connection_and_the_next_call_reconnec
 async def test_a_call_past_its_deadline_fails_with_the_calls_behind_it_then_reconnects(
         lane: RedisLane) -> None:
     await lane.run(ECHO, ["t"], [0])
-    first = lane._writer
+    first = lane._transport
     slow = asyncio.ensure_future(lane.run(SLOW, ["t"], [400_000], timeout_s=0.05))
     behind = asyncio.ensure_future(lane.run(ECHO, ["t"], [1], timeout_s=5.0))
     with pytest.raises(LaneTimeout):
         await slow  # Redis is busy for 0.4 s: without the deadline this would succeed
     with pytest.raises(LaneTimeout):
         await behind  # queued on the same stuck connection
-    assert lane._writer is None
+    assert lane._transport is None
     assert not lane._deadlines
     assert (await lane.run(ECHO, ["t"], [2], timeout_s=5.0))[1] == b"2"
-    assert lane._writer is not None
-    assert lane._writer is not first
+    assert lane._transport is not None
+    assert lane._transport is not first
 
 
 async def test_calls_answered_in_time_keep_the_connection_and_leave_no_deadline_behind(
         lane: RedisLane) -> None:
     await lane.run(ECHO, ["k"], [0])
-    writer = lane._writer
+    transport = lane._transport
     replies = await asyncio.gather(*(lane.run(ECHO, ["k"], [n], timeout_s=0.1)
                                      for n in range(200)))
     assert [int(count) for _, _, count in replies] == list(range(2, 202))
     assert lane._deadline_timer is not None  # armed lazily; not cancelled per reply
     await asyncio.sleep(0.2)  # past every deadline: the timer finds them all answered
-    assert lane._writer is writer
+    assert lane._transport is transport
     assert not lane._deadlines
     assert lane._deadline_timer is None
     assert (await lane.run(ECHO, ["k"], [9], timeout_s=0.1))[1] == b"9"
-    assert lane._writer is writer
+    assert lane._transport is transport
 
 
 async def test_redis_down_fails_fast_and_the_lane_recovers_when_it_returns(
