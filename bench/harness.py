@@ -743,6 +743,9 @@ def main() -> int:
     started = time.monotonic()
     try:
         print(f"bench: starting (temp dir {tmp})", flush=True)
+        host = machine()
+        print(f"bench: python {host['python']} {host['python_executable']} "
+              f"({host['python_build']})", flush=True)
         bench.start_infrastructure()
         bench.start_targets()
         print(f"bench: {len(bench.targets)} targets ready; {bench.rounds} rounds of "
@@ -772,7 +775,7 @@ def main() -> int:
             for name, pct in profile["area_pct"]:
                 print(f"  {pct:>5.1f}%  {name}")
         document = {"when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                    "machine": machine(),
+                    "machine": host,
                     "settings": {"duration": bench.duration,
                                  "latency_duration": bench.latency_duration,
                                  "connections": bench.connections, "rounds": bench.rounds,
