@@ -105,10 +105,12 @@ async def test_redis_closing_the_connection_is_noticed_and_the_next_call_reconne
         redis_client: aioredis.Redis, lane: RedisLane) -> None:
     await lane.run(ECHO, ["x"], [0])
     first = lane._transport
+    assert first is not None
+    host, port = first.get_extra_info("sockname")[:2]
     ids = [client["id"] for client in await redis_client.client_list()
-           if client.get("cmd") == "evalsha"]
-    assert len(ids) == 1  # the lane's connection, its last command the script call
-    await redis_client.execute_command("CLIENT", "KILL", "ID", ids[0])
+           if client.get("addr") == f"{host}:{port}"]
+    assert len(ids) == 1  # the lane's connection (the server is shared by the session)
+    await redis_client.client_kill_filter(_id=ids[0])
     async with asyncio.timeout(2.0):  # noticed when the connection closes, not on a call
         while lane._transport is not None:
             await asyncio.sleep(0.01)
