@@ -12,23 +12,29 @@ venv=".venv"
 
 say() { printf 'bootstrap: %s\n' "$*"; }
 
-# The first that is at least 3.11 of: $PYTHON, the distribution's /usr/bin/python3.11 and
-# /usr/bin/python3, then python3.11, python3.12, python3.13, python3 on PATH. The
-# distribution's comes before PATH so that a pyenv or asdf shim does not win by accident: a
-# default pyenv build (shared libpython, no PGO/LTO) runs the gateway ~20% slower than
-# Debian's python3.11 (bench/README.md, "Which Python").
+# The interpreter for .venv: $PYTHON when set (and at least 3.11); else the first at least
+# 3.11 of the distribution's /usr/bin/python3.11 and /usr/bin/python3, then python3.11,
+# python3.12, python3.13 and python3 on PATH, preferring one that can create a virtual
+# environment now (one without python3-venv is taken only when no other can; root then
+# installs the package). The distribution's come before PATH so that a pyenv or asdf shim
+# does not win by accident: a default pyenv build (shared libpython, no PGO/LTO) runs the
+# gateway ~20% slower than Debian's python3.11 (bench/README.md, "Which Python").
 find_python() {
-    local candidate
+    local candidate first=""
     for candidate in ${PYTHON:-} /usr/bin/python3.11 /usr/bin/python3 python3.11 python3.12 \
             python3.13 python3; do
         command -v "$candidate" >/dev/null 2>&1 || continue
-        if "$candidate" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)' \
-                2>/dev/null; then
+        "$candidate" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)' \
+            2>/dev/null || continue
+        if [ "$candidate" = "${PYTHON:-}" ] ||
+                "$candidate" -c 'import ensurepip, venv' 2>/dev/null; then
             command -v "$candidate"
             return 0
         fi
+        [ -n "$first" ] || first="$(command -v "$candidate")"
     done
-    return 1
+    [ -n "$first" ] || return 1
+    echo "$first"
 }
 
 # Pids of redis-server processes run by the Debian package's service: the binary
