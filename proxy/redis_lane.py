@@ -222,7 +222,8 @@ class RedisLane:
             raise RedisConnectionError("the Redis lane's connection closed")
         protocol = _LaneProtocol(self, connection)
         transport.set_protocol(protocol)
-        if reader.at_eof() or reader.exception() is not None:
+        if reader.at_eof() or reader.exception() is not None:  # closed while handing over
+            transport.abort()
             raise RedisConnectionError("the Redis lane's connection closed")
         return transport
 
