@@ -473,7 +473,8 @@ def dashboard_app_path() -> Path:
 
 def dashboard_command(listen: str) -> list[str]:
     host, port = split_listen(listen)
-    return [sys.executable, "-m", "streamlit", "run", str(dashboard_app_path()),
+    # dashboard.serve: streamlit's CLI, with the pages' modules imported before it listens
+    return [sys.executable, "-m", "dashboard.serve", "run", str(dashboard_app_path()),
             "--server.address", host, "--server.port", str(port),
             "--server.headless", "true", "--browser.gatherUsageStats", "false",
             "--client.toolbarMode", "viewer",
