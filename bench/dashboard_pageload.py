@@ -67,6 +67,7 @@ from dashboard.client import ApiClient  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 TARGET_S = 1.0
+SERVER_CPU, BROWSER_CPU = 1, 0  # --split-cpus
 LOAD_TIMEOUT_S = 20.0
 POLL_S = 0.05
 DATAFRAME = '[data-testid="stDataFrame"] canvas'
@@ -312,6 +313,10 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--first-run-timeout", type=float, default=300.0,
                         help="seconds to wait for the scheduler's first run before timing")
+    parser.add_argument("--split-cpus", action="store_true",
+                        help="the server side (Redis, control plane, dashboard) on CPU 1 and "
+                        "Chromium on CPU 0, as if the browser ran on the user's own machine, "
+                        "instead of all of them sharing every CPU")
     parser.add_argument("--pages", default="",
                         help="only these pages (comma-separated names; default: all)")
     args = parser.parse_args()
@@ -325,14 +330,18 @@ def main() -> int:
         return 2
     ranges = [int(m) for m in args.minutes.split(",")]
     load_before = os.getloadavg()[0]
+    split = f"; server side on CPU {SERVER_CPU}, Chromium on CPU {BROWSER_CPU}"
     print(f"# dashboard page load in Chromium ({os.cpu_count()} CPUs, load average "
-          f"{load_before:.2f})")
+          f"{load_before:.2f}{split if args.split_cpus else ''})")
     with tempfile.TemporaryDirectory(prefix="apigw-pageload-") as name:
         tmp = Path(name)
         dsn = f"chdb://{tmp / 'store'}"
         end = int(time.time()) // 60 * 60
         generated, _ = generate(dsn, args.events, end)
         print(f"\ngenerated {args.events:,} events over 24 h in {generated:.0f} s")
+        everything = os.sched_getaffinity(0)
+        if args.split_cpus:  # children inherit the affinity they are started with
+            os.sched_setaffinity(0, {SERVER_CPU})
         redis = RedisServer(tmp / "redis").start()
         try:
             api_port, dash_port = free_port(), free_port()
@@ -357,9 +366,12 @@ def main() -> int:
                 with process(dashboard, dash_env, dash_log) as dash_child:
                     url = f"http://127.0.0.1:{dash_port}"
                     wait_http(f"{url}/_stcore/health", dash_child, dash_log, timeout=60)
+                    if args.split_cpus:
+                        os.sched_setaffinity(0, {BROWSER_CPU})
                     loads = asyncio.run(drive(chromium, url, api_url, tmp / "profile", ranges,
                                               args.rounds, only))
         finally:
+            os.sched_setaffinity(0, everything)
             redis.stop()
     summary = report(loads, args.events, args.rounds, only)
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -367,6 +379,7 @@ def main() -> int:
     out = RESULTS / f"dashboard-pageload-{stamp}.json"
     out.write_text(json.dumps({
         "events": args.events, "rounds": args.rounds, "cpus": os.cpu_count(),
+        "split_cpus": args.split_cpus,
         "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)],
         "summary": summary, "loads": [asdict(ld) for ld in loads]}, indent=1))
     print(f"wrote {out.relative_to(ROOT)}")
