@@ -402,8 +402,7 @@ class Bench:
                 self.skipped[run_name] = str(exc)
 
     def _add_gateway(self, name: str, source: str, workers: int, routes: int, pinned: bool,
-                     env: dict[str, str], note: str, root: Path = ROOT,
-                     python: str = "") -> None:
+                     env: dict[str, str], note: str, root: Path, python: str) -> None:
         port, admin = free_port(), free_port()
         config = self.gateway_config(name, source, routes)
         process_env = {**os.environ, "APIGW_REDIS_URL": self.redis_url,
@@ -415,7 +414,7 @@ class Bench:
         if root != ROOT:  # the other checkout's packages first (and as the working dir)
             process_env["PYTHONPATH"] = str(root)
         process = self.procs.start(f"gw-{name}", [
-            python or self.python, "-m", "apigw.cli", "proxy", "--config", str(config),
+            python, "-m", "apigw.cli", "proxy", "--config", str(config),
             "--listen", f"127.0.0.1:{port}", "--admin", f"127.0.0.1:{admin}",
             "--workers", str(workers)], SUT_CPU if pinned else None, env=process_env, cwd=root)
         wait_http(f"http://127.0.0.1:{admin}/readyz", timeout=60, process=process)

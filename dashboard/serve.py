@@ -34,14 +34,13 @@ def warm() -> None:
             importlib.import_module(name)
 
 
-def main() -> int:
+def main() -> None:
     warm()
     from streamlit.web import cli
 
     sys.argv = ["streamlit", *sys.argv[1:]]
-    cli.main(prog_name="streamlit")  # a click command: exits itself
-    return 0
+    cli.main(prog_name="streamlit")  # a click command: it exits the process itself
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -200,22 +200,21 @@ class Gateway:
         the configuration cannot use is left out (`when_used`); the rate-limit steps always
         stay, as policies arrive from Redis at run time."""
         routes = self.config.routes
+        legacy_headers = self.config.ratelimit.legacy_headers
         return [
             ObserveStep(),
             IdentityStep(self.identity),
             *CorsStep.when_used(self.router, routes),
             RouteStep(self.router),
             *IpAccessStep.when_used(self.config.access, routes),
-            PreAuthRateLimitStep(self.policies, self.limiter,
-                                 legacy_headers=self.config.ratelimit.legacy_headers),
+            PreAuthRateLimitStep(self.policies, self.limiter, legacy_headers=legacy_headers),
             *([self.authn] if any(route.auth is not None for route in routes) else []),
             *ScopeStep.when_used(self.config.auth.realm, routes),
-            RateLimitStep(self.policies, self.limiter,
-                          legacy_headers=self.config.ratelimit.legacy_headers),
-            *CacheStep.when_used(self.config.routes, self.router, self.redis, self.settings),
-            *TransformStep.when_used(self.config.routes),
-            *AggregateStep.when_used(self.config.routes, self.forwarder.upstreams),
-            *WebSocketStep.when_used(self.config.routes, self.forwarder),
+            RateLimitStep(self.policies, self.limiter, legacy_headers=legacy_headers),
+            *CacheStep.when_used(routes, self.router, self.redis, self.settings),
+            *TransformStep.when_used(routes),
+            *AggregateStep.when_used(routes, self.forwarder.upstreams),
+            *WebSocketStep.when_used(routes, self.forwarder),
             self.forwarder,
         ]
 
