@@ -16,6 +16,13 @@ and Content-Length bodies only; no chunked bodies, no validation beyond that, no
   (proxy/upstream_pool.py) and the one-write response (proxy/direct_response.py). Between
   this and `task` is what aiohttp's request handling and the gateway's client cost; between
   this and the gateway's `minimal` target, what its chain costs.
+- `llhttp`: what a protocol-level listener in place of aiohttp's server could come down to:
+  a Protocol feeding aiohttp's C request parser (llhttp, the parser aiohttp's server uses),
+  one Task per parsed request, the same upstream pool and a one-write response built as
+  `send_buffered` builds it, with no `BaseRequest`, no request-handler loop, no web
+  response objects. Between this and `aiohttp` is what a protocol-level listener could
+  save at most; between this and `task`, the parser and the gateway's upstream client.
+  In order only without pipelining (a Task per request, answers written as they finish).
 
     python bench/floor_proxy.py --listen 127.0.0.1:8002 --upstream 127.0.0.1:9001 --style task
 """
@@ -29,6 +36,9 @@ from typing import cast
 
 import uvloop
 from aiohttp import web
+from aiohttp.base_protocol import BaseProtocol
+from aiohttp.helpers import rfc822_formatted_time
+from aiohttp.http import SERVER_SOFTWARE, HttpRequestParser, RawRequestMessage
 from aiohttp.web_request import BaseRequest
 from multidict import CIMultiDict
 
@@ -200,6 +210,82 @@ async def serve_aiohttp(listen: str, upstream: str) -> None:
         await pool.close()
 
 
+class ParsedClient(BaseProtocol):
+    """One client connection: aiohttp's C request parser and a Task per request, no more."""
+
+    def __init__(self, pool: ConnectionPool, target: Endpoint) -> None:
+        self.loop = asyncio.get_running_loop()
+        super().__init__(self.loop)
+        self.pool = pool
+        self.target = target
+        self.parser = HttpRequestParser(self, self.loop, 2**16, max_line_size=8190,
+                                        max_field_size=8190)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            messages, _, _ = self.parser.feed_data(data)
+        except Exception:  # the parser rejected the bytes
+            self.send(_BAD_REQUEST)
+            self.close()
+            return
+        for message, _payload in messages:
+            self.loop.create_task(self.handle(message))
+
+    async def handle(self, message: RawRequestMessage) -> None:
+        target = self.target
+        headers = CIMultiDict((name, value) for name, value in message.headers.items()
+                              if name.lower() not in _DROPPED_REQUEST)
+        headers["Host"] = target.host_header
+        response = await self.pool.request(target, message.method, message.path, headers,
+                                           None, None, connect_s=5.0, read_s=5.0, total_s=10.0)
+        try:
+            body = await response.content.read()
+            lines = [f"HTTP/1.1 {response.status} {response.reason}\r\n"]
+            seen_date = seen_server = False
+            for name, value in response.headers.items():
+                lower = name.lower()
+                if lower in _DROPPED_RESPONSE:
+                    continue
+                seen_date = seen_date or lower == "date"
+                seen_server = seen_server or lower == "server"
+                lines.append(f"{name}: {value}\r\n")
+            lines.append(f"Content-Length: {len(body)}\r\n")
+            if not seen_date:
+                lines.append(f"Date: {rfc822_formatted_time()}\r\n")
+            if not seen_server:
+                lines.append(f"Server: {SERVER_SOFTWARE}\r\n")
+            if message.should_close:
+                lines.append("Connection: close\r\n")
+            lines.append("\r\n")
+            self.send("".join(lines).encode("utf-8", "surrogateescape") + body)
+            if message.should_close:
+                self.close()
+        finally:
+            response.release()
+
+    def send(self, data: bytes) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+
+async def serve_llhttp(listen: str, upstream: str) -> None:
+    host, _, port = listen.rpartition(":")
+    target = Endpoint(0, f"http://{upstream}", 1)
+    pool = ConnectionPool([target], max_connections=256, max_per_target=0, keepalive_s=60.0,
+                          tls=None)
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(lambda: ParsedClient(pool, target), host, int(port))
+    try:
+        async with server:
+            await server.serve_forever()
+    finally:
+        await pool.close()
+
+
 async def serve(listen: str, upstream: str, use_tasks: bool) -> None:
     host, _, port = listen.rpartition(":")
     upstream_host, _, upstream_port = upstream.rpartition(":")
@@ -214,10 +300,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--listen", default="127.0.0.1:8002", help="HOST:PORT")
     parser.add_argument("--upstream", required=True, help="HOST:PORT of the upstream")
-    parser.add_argument("--style", choices=("callbacks", "task", "aiohttp"), default="task")
+    parser.add_argument("--style", choices=("callbacks", "task", "llhttp", "aiohttp"),
+                        default="task")
     args = parser.parse_args()
     if args.style == "aiohttp":
         uvloop.run(serve_aiohttp(args.listen, args.upstream))
+    elif args.style == "llhttp":
+        uvloop.run(serve_llhttp(args.listen, args.upstream))
     else:
         uvloop.run(serve(args.listen, args.upstream, args.style == "task"))
 

@@ -347,9 +347,10 @@ class Bench:
 
     def add_floor(self) -> None:
         """Opt-in (named in BENCH_ONLY): `floor_proxy.py`, the least a Python proxy on uvloop
-        does per request: as callbacks, with one Task per request, and as aiohttp's server with
-        the gateway's upstream client and nothing of its chain."""
-        for style in ("callbacks", "task", "aiohttp"):
+        does per request: as callbacks, with one Task per request, with aiohttp's C request
+        parser and the gateway's upstream client but no server framework, and as aiohttp's
+        server with the gateway's upstream client and nothing of its chain."""
+        for style in ("callbacks", "task", "llhttp", "aiohttp"):
             name = f"floor-{style}"
             if name not in self.only:
                 continue
