@@ -92,7 +92,7 @@ def pages(only: frozenset[str] = frozenset()) -> list[Page]:
         Page("investigate", "/investigate?" + urllib.parse.urlencode({"endpoint": endpoint})
              + "&", "Investigate", [(CHART, 4), (TABLE, 5), (DATAFRAME, 1)]),
         Page("security", "/security?", "Security review", [(METRIC, 3)]),
-        Page("policies", "/policies?", "Policies", [(DATAFRAME, 3), (TABLE, 2)]),
+        Page("policies", "/policies?", "Policies", [(TABLE, 5)]),
         Page("audit", "/audit?", "Audit", [(DATAFRAME, 1)]),
     ]
     return [page for page in every if not only or page.name in only]

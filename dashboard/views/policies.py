@@ -17,6 +17,7 @@ from dashboard.common import (
     fetch_all,
     guarded,
     param,
+    rows_table,
     run_action,
     when,
 )
@@ -89,7 +90,7 @@ def active_vs_recommended(views: list[dict[str, Any]], recs: list[dict[str, Any]
             "recommendation": proposed[0]["status"] if proposed else "",
         })
     if rows:
-        st.dataframe(pd.DataFrame(rows), hide_index=True)
+        rows_table(pd.DataFrame(rows))
     else:
         st.info("No traffic in this range.")
 
@@ -141,11 +142,11 @@ def history(ctx: Context, views: list[dict[str, Any]]) -> None:
     chosen = st.selectbox("History of", ids, index=ids.index(wanted) if wanted in ids else 0)
     st.query_params["policy"] = chosen
     versions = ctx.client.policy_history(chosen)
-    st.dataframe(pd.DataFrame([{
+    rows_table(pd.DataFrame([{
         "version": p["version"], "limit": limit_text(p), "mode": p["mode"],
         "source": p["source"], "expires": when(p["expires_at"], ctx.tz) or "never",
         "updated": when(p["updated_at"], ctx.tz), "by": p["updated_by"], "why": p["reason"],
-    } for p in versions]), hide_index=True)
+    } for p in versions]))
     if len(versions) < 2:
         st.caption("A single version: nothing to compare or roll back to.")
         return
@@ -187,7 +188,7 @@ def render(ctx: Context) -> None:
     if not views:
         st.info("No policies.")
         return
-    st.dataframe(pd.DataFrame([{
+    rows_table(pd.DataFrame([{
         "id": v["policy"]["id"], "active": v["active"], "expired": v["expired"],
         "route": v["policy"]["route_id"], "method": v["policy"]["method"],
         "key by": v["policy"]["key_by"], "match key": v["policy"]["match_key"] or "",
@@ -196,7 +197,7 @@ def render(ctx: Context) -> None:
         "version": v["policy"]["version"],
         "expires": when(v["policy"]["expires_at"], ctx.tz) or "never",
         "updated by": v["policy"]["updated_by"], "reason": v["policy"]["reason"],
-    } for v in views]), hide_index=True)
+    } for v in views]))
     history(ctx, views)
 
 

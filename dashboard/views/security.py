@@ -25,6 +25,7 @@ from dashboard.common import (
     fetch_all,
     group_incidents,
     guarded,
+    rows_table,
     run_action,
     when,
 )
@@ -211,11 +212,10 @@ def render(ctx: Context) -> None:
                 and a["status"] in ("dismissed", "actioned")]
     if reviewed:
         st.subheader("Reviewed")
-        st.dataframe(pd.DataFrame([{
+        rows_table(pd.DataFrame([{
             "status": a["status"], "kind": a["kind"], "endpoint": endpoint_key(a["endpoint"]),
             "by": a["reviewed_by"], "reason": a["review_reason"],
-            "at": when(a["reviewed_at"], ctx.tz), "id": a["id"]} for a in reviewed]),
-            hide_index=True)
+            "at": when(a["reviewed_at"], ctx.tz), "id": a["id"]} for a in reviewed]))
 
 
 guarded(current(), render)
