@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -9,6 +10,16 @@ import pytest
 import redis.asyncio as aioredis
 
 from apigw.redis_server import RedisServer, free_port
+
+
+@pytest.fixture(autouse=True)
+def _main_module_kept() -> Iterator[None]:
+    """streamlit's AppTest runs a page as `__main__` and leaves it there; a later test that
+    spawns a process would have multiprocessing's spawn re-run that page in the child."""
+    main = sys.modules.get("__main__")
+    yield
+    if main is not None:
+        sys.modules["__main__"] = main
 
 
 @pytest.fixture(scope="session")
