@@ -19,7 +19,8 @@ def test_short_tables_are_static_and_long_ones_a_grid(rows: int, static: bool) -
     app = AppTest.from_function(_page, args=(rows,)).run()
     assert not app.exception
     shown = app.table if static else app.dataframe
-    assert len(app.table) == int(static) and len(app.dataframe) == int(not static)
+    assert len(app.table) == int(static)
+    assert len(app.dataframe) == int(not static)
     [element] = shown
     assert list(element.value["policy"]) == [f"p{i}" for i in range(rows)]
     assert element.value.shape == (rows, 2)
