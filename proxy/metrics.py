@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Final
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from proxy.deferred_metrics import DeferredCounter, DeferredHistogram, InFlight
+
 if TYPE_CHECKING:
     from prometheus_client.metrics import Histogram as HistogramChild
 
@@ -67,33 +69,37 @@ REJECTIONS = Counter("apigw_proxy_rejections_total",
 CONFIG_RELOADS = Counter("apigw_config_reloads_total",
                          "Config reloads by outcome (success, invalid, error, unchanged)",
                          ["outcome"])
-_OUTCOMES: Final = {outcome: RATELIMIT_OUTCOMES.labels(outcome)
+_OUTCOMES: Final = {outcome: DeferredCounter(RATELIMIT_OUTCOMES.labels(outcome))
                    for outcome in ("allowed", "limited", "shadow_limited", "error")}
+_IN_FLIGHT: Final = InFlight(ACTIVE_REQUESTS)
+DURATION_CHILDREN_MAX: Final = 10_000  # (route, method, status class) kept counting deferred
+_DURATIONS: dict[tuple[str, str, int], DeferredHistogram] = {}
+
+
+def _duration_child(key: tuple[str, str, int]) -> DeferredHistogram | HistogramChild:
+    method = key[1] if key[1] in KNOWN_METHODS else "_OTHER"
+    child = REQUEST_DURATION.labels(key[0], method, f"{key[2]}xx")
+    if len(_DURATIONS) >= DURATION_CHILDREN_MAX:
+        return child
+    deferred = _DURATIONS[key] = DeferredHistogram(child)
+    return deferred
 
 
 class ObserveStep:
-    """Counts requests in flight on the way in; records duration and errors on the way out."""
-
-    def __init__(self) -> None:
-        self._durations: dict[tuple[str, str, int], HistogramChild] = {}
+    """Counts requests in flight on the way in; records duration and errors on the way out
+    (the per-request counts deferred: proxy/deferred_metrics.py)."""
 
     async def access(self, ex: Exchange) -> None:
-        ACTIVE_REQUESTS.inc()
+        _IN_FLIGHT.inc()
         ex.observed = True
 
     def log(self, ex: Exchange) -> None:
         if not ex.observed:
             return
-        ACTIVE_REQUESTS.dec()
+        _IN_FLIGHT.dec()
         event = ex.event
-        status = event.http_response_status_code
-        key = (event.route_id, event.http_request_method, status // 100)
-        child = self._durations.get(key)
-        if child is None:
-            method = key[1] if key[1] in KNOWN_METHODS else "_OTHER"
-            child = REQUEST_DURATION.labels(key[0], method, f"{key[2]}xx")
-            if len(self._durations) < 10_000:
-                self._durations[key] = child
+        key = (event.route_id, event.http_request_method, event.http_response_status_code // 100)
+        child = _DURATIONS.get(key) or _duration_child(key)
         child.observe(event.duration_ms / 1000.0)
         error = event.error_type
         if error.startswith("upstream_"):

@@ -30,6 +30,7 @@ from typing import Any, Final, Literal, Protocol, TypeVar
 import redis.asyncio as aioredis
 from prometheus_client import Counter, Gauge
 
+from proxy.deferred_metrics import DeferredCounter
 from proxy.degrade import DegradeGate
 from proxy.policy import Algorithm, Policy, QuotaPeriod, RedisKeys
 from proxy.redis_lane import LaneScript, RedisLane
@@ -54,9 +55,9 @@ CHECKS = Counter("apigw_ratelimit_checks_total", "Rate-limit checks",
 HYBRID_LOCAL = Counter("apigw_ratelimit_hybrid_local_total",
                        "Hybrid checks answered from locally reserved tokens or a remembered "
                        "denial, without a Redis round trip", ["outcome"])
-_HYBRID_COUNTERS: Final = {True: HYBRID_LOCAL.labels("allowed"),
-                           False: HYBRID_LOCAL.labels("limited")}
-_CHECK_COUNTERS: Final = {(backend, allowed): CHECKS.labels(backend, outcome)
+_HYBRID_COUNTERS: Final = {True: DeferredCounter(HYBRID_LOCAL.labels("allowed")),
+                           False: DeferredCounter(HYBRID_LOCAL.labels("limited"))}
+_CHECK_COUNTERS: Final = {(backend, allowed): DeferredCounter(CHECKS.labels(backend, outcome))
                           for backend in ("redis", "local")
                           for allowed, outcome in ((True, "allowed"), (False, "limited"))}
 

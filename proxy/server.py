@@ -197,6 +197,7 @@ async def _serve_gateway(config: GatewayConfig, settings: ProxySettings,
 
     SIGHUP (and, when `watch_s` > 0, a change of the file) reloads `config_path`."""
     from proxy.app import Gateway, tune_gc
+    from proxy.deferred_metrics import flush_all, flush_every
     from proxy.reload import LiveGateway
 
     gateway = Gateway(config, settings, redis)
@@ -216,6 +217,7 @@ async def _serve_gateway(config: GatewayConfig, settings: ProxySettings,
     loop.add_signal_handler(signal.SIGHUP, live.trigger)
     watcher = asyncio.create_task(watch_file(config_path, watch_s, live.trigger),
                                   name="config-watch")
+    flusher = asyncio.create_task(flush_every(settings.metrics_flush_s), name="metrics-flush")
     try:
         await on_ready(live)
         log.info("proxy listening", extra={"listen": settings.listen,
@@ -227,11 +229,13 @@ async def _serve_gateway(config: GatewayConfig, settings: ProxySettings,
         live.gateway.stopping = True
     finally:
         loop.remove_signal_handler(signal.SIGHUP)
-        watcher.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await watcher
+        for task in (watcher, flusher):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         await runner.cleanup()
         await live.stop()
+        flush_all()  # the last requests' counts, before a worker's process ends
     emitter = live.gateway.emitter
     if emitter is not None:
         log.info("events flushed", extra=emitter.stats)

@@ -56,6 +56,10 @@ class ProxySettings(CommonSettings):
         description="Longest header field (name + value); longer is 431.")
     max_header_fields: int = Field(default=128, ge=16, le=10_000,
                                    description="Most header fields; more is 431.")
+    metrics_flush_s: float = Field(
+        default=1.0, gt=0, le=60,
+        description="How often a worker hands its per-request counts to its metrics; with "
+                    "several workers, how far the admin port's /metrics may lag behind.")
 
     _default_instance: bool = PrivateAttr(default=False)
 

@@ -827,12 +827,17 @@ async def test_serve_two_workers_and_sigterm(upstream: str, redis_url: str,
         status, body = await asyncio.to_thread(_get, f"http://127.0.0.1:{admin}/readyz")
         detail = orjson.loads(body)
         assert detail["workers"]["alive"] == 2
-        status, body = await asyncio.to_thread(_get, f"http://127.0.0.1:{admin}/metrics")
-        count = re.search(rb'apigw_http_server_request_duration_seconds_count\{'
-                          rb'http_request_method="GET",route_id="echo",status_class="2xx"\} '
-                          rb'(\d+)', body)
-        assert count is not None, body[:2000]
-        assert int(count.group(1)) == 20
+        # Workers hand their counts over every APIGW_METRICS_FLUSH_S (1 s): poll a little.
+        counted, deadline = 0, time.monotonic() + 10
+        while counted < 20 and time.monotonic() < deadline:
+            status, body = await asyncio.to_thread(_get, f"http://127.0.0.1:{admin}/metrics")
+            count = re.search(rb'apigw_http_server_request_duration_seconds_count\{'
+                              rb'http_request_method="GET",route_id="echo",status_class="2xx"\} '
+                              rb'(\d+)', body)
+            counted = int(count.group(1)) if count is not None else 0
+            if counted < 20:
+                await asyncio.sleep(0.2)
+        assert counted == 20, body[:2000]
         status, body = await asyncio.to_thread(_get, f"http://127.0.0.1:{admin}/config")
         assert orjson.loads(body)["config"]["routes"][0]["id"] == "echo"
 

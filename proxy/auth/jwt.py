@@ -29,6 +29,7 @@ from prometheus_client import Counter
 
 from proxy.auth.config import HMAC_ALGORITHMS, JwtIssuer
 from proxy.auth.jwks import JwksSource, PublicKey, public_key
+from proxy.deferred_metrics import DeferredCounter
 from proxy.identity import MAX_CLIENT_ID, Principal, client_id
 
 CACHE_MAX_S: Final = 300.0  # a cached verification is re-done at least this often
@@ -46,7 +47,8 @@ REASONS: Final = ("missing", "malformed", "bad_signature", "expired", "not_yet_v
 
 TOKEN_CACHE = Counter("apigw_auth_token_cache_total", "Verified-token cache lookups",
                       ["outcome"])
-_HIT, _MISS, _NEG = (TOKEN_CACHE.labels(o) for o in ("hit", "miss", "negative_hit"))
+_HIT, _MISS, _NEG = (DeferredCounter(TOKEN_CACHE.labels(o))
+                     for o in ("hit", "miss", "negative_hit"))
 
 
 class AuthFailure(Exception):

@@ -26,6 +26,7 @@ from prometheus_client import Counter
 from proxy.auth.apikeys import ApiKeyVerifier
 from proxy.auth.config import Auth, RouteAuth
 from proxy.auth.jwt import AuthFailure, JwtVerifier
+from proxy.deferred_metrics import DeferredCounter
 from proxy.identity import Principal
 
 if TYPE_CHECKING:
@@ -33,8 +34,8 @@ if TYPE_CHECKING:
 
 AUTH_OUTCOMES = Counter("apigw_auth_outcomes_total", "Authentication outcomes",
                         ["method", "outcome", "reason"])
-_SUCCESSES: Final = {method: AUTH_OUTCOMES.labels(method, "success", "")
-                     for method in ("jwt", "api_key")}  # one per request: no labels() lookup
+_SUCCESSES: Final = {method: DeferredCounter(AUTH_OUTCOMES.labels(method, "success", ""))
+                     for method in ("jwt", "api_key")}  # one per request: counted deferred
 _TITLES: Final = {401: "Authentication required", 403: "Forbidden",
                   503: "Authentication unavailable"}
 _MAX_HEADER: Final = 16_384
