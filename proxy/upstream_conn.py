@@ -240,6 +240,8 @@ class UpstreamConnection(BaseProtocol):
         self._last_read = float("inf")  # the client side is slow, not the upstream
 
     def resume_reading(self, resume_parser: bool = True) -> None:
+        if not self._reading_paused:  # aiohttp's StreamReader calls it at every body's end
+            return  # and every drained read: nothing is held back unless paused
         self._last_read = self._loop.time()
         super().resume_reading(resume_parser)
 
