@@ -531,6 +531,19 @@ def is_pre_auth(policy: Policy) -> bool:
     return policy.key_by == PRE_AUTH_KEY_BY and policy.tenant is None and policy.plan is None
 
 
+_NONE_SELECTED: Final[tuple[Selected | None, Selected | None]] = (None, None)
+
+
+def _first_matching(candidates: tuple[Policy, ...],
+                    key_of: Callable[[str], str]) -> Selected | None:
+    """The first candidate (most specific first) whose match key, if any, is this request's."""
+    for policy in candidates:
+        key = key_of(policy.key_by)
+        if policy.match_key is None or policy.match_key == key:
+            return policy, key
+    return None
+
+
 class PolicyCache:
     """The effective policies of one proxy worker, kept fresh from Redis.
 
@@ -551,7 +564,9 @@ class PolicyCache:
         self.loaded_from = "baseline"  # or "redis"
         self._chains: dict[str, list[Policy]] = {p.id: [p] for p in baseline}
         self._effective: list[Policy] = []
-        self._index: dict[tuple[str, str, str, str, bool, bool], tuple[Policy, ...]] = {}
+        # (route, method, tenant, plan, pre_auth) -> (rate-limit candidates, quota candidates)
+        self._index: dict[tuple[str, str, str, str, bool],
+                          tuple[tuple[Policy, ...], tuple[Policy, ...]]] = {}
         self._next_expiry = float("inf")
         self._wake = asyncio.Event()
         self._stopping = False
@@ -593,26 +608,42 @@ class PolicyCache:
         `pre_auth=True` only policies `is_pre_auth` accepts are candidates (the phase before
         authentication, when the client address is the only trustworthy key)."""
         try:
-            if time.time() >= self._next_expiry:
-                self._rebuild(time.time())
-            combo = (route_id, method, tenant, plan, quota, pre_auth)
-            candidates = self._index.get(combo)
-            if candidates is None:
-                candidates = self._candidates(route_id, method, tenant, plan, quota, pre_auth)
-                if len(self._index) >= _INDEX_MAX:
-                    self._index = {}
-                self._index[combo] = candidates
-            for policy in candidates:
-                key = key_of(policy.key_by)
-                if policy.match_key is None or policy.match_key == key:
-                    return policy, key
-            return None
+            candidates = self._candidate_pair(route_id, method, tenant, plan, pre_auth)[quota]
+            return _first_matching(candidates, key_of)
         except Exception:
             SELECT_ERRORS.inc()
             log.exception("policy selection failed; request continues without a policy")
             return None
 
+    def select_both(self, route_id: str, method: str, tenant: str,
+                    key_of: Callable[[str], str], plan: str = "", pre_auth: bool = False
+                    ) -> tuple[Selected | None, Selected | None]:
+        """`select` of the rate-limit policy and of the quota, with one lookup: (rate, quota)."""
+        try:
+            rates, quotas = self._candidate_pair(route_id, method, tenant, plan, pre_auth)
+            if not rates and not quotas:
+                return _NONE_SELECTED
+            return _first_matching(rates, key_of), _first_matching(quotas, key_of)
+        except Exception:
+            SELECT_ERRORS.inc()
+            log.exception("policy selection failed; request continues without a policy")
+            return _NONE_SELECTED
+
     # -- internals -----------------------------------------------------------------------
+
+    def _candidate_pair(self, route_id: str, method: str, tenant: str, plan: str,
+                        pre_auth: bool) -> tuple[tuple[Policy, ...], tuple[Policy, ...]]:
+        if time.time() >= self._next_expiry:
+            self._rebuild(time.time())
+        combo = (route_id, method, tenant, plan, pre_auth)
+        pair = self._index.get(combo)
+        if pair is None:
+            pair = (self._candidates(route_id, method, tenant, plan, False, pre_auth),
+                    self._candidates(route_id, method, tenant, plan, True, pre_auth))
+            if len(self._index) >= _INDEX_MAX:
+                self._index = {}
+            self._index[combo] = pair
+        return pair
 
     def _candidates(self, route_id: str, method: str, tenant: str, plan: str,
                     quota: bool, pre_auth: bool) -> tuple[Policy, ...]:

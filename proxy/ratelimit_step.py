@@ -216,12 +216,11 @@ class PreAuthRateLimitStep(_Limiting):
         route, caller = ex.route, ex.caller
         assert route is not None
         assert caller is not None
-        method, policies = ex.event.http_request_method, self.policies
-        rate = policies.select(route.id, method, "", caller.key_of, pre_auth=True)
-        quota = policies.select(route.id, method, "", caller.key_of, quota=True, pre_auth=True)
-        if rate is None and quota is None:
+        selections = self.policies.select_both(route.id, ex.event.http_request_method, "",
+                                               caller.key_of, pre_auth=True)
+        if selections[0] is None and selections[1] is None:
             return None
-        return await self._check_selected(ex, (rate, quota), "")
+        return await self._check_selected(ex, selections, "")
 
 
 class RateLimitStep(_Limiting):
@@ -231,10 +230,9 @@ class RateLimitStep(_Limiting):
         route, caller = ex.route, ex.caller
         assert route is not None
         assert caller is not None
-        method, tenant, plan = ex.event.http_request_method, caller.tenant, caller.plan
-        policies = self.policies
-        rate = policies.select(route.id, method, tenant, caller.key_of, plan)
-        quota = policies.select(route.id, method, tenant, caller.key_of, plan, quota=True)
-        if rate is None and quota is None:
+        tenant = caller.tenant
+        selections = self.policies.select_both(route.id, ex.event.http_request_method, tenant,
+                                               caller.key_of, caller.plan)
+        if selections[0] is None and selections[1] is None:
             return None
-        return await self._check_selected(ex, (rate, quota), tenant)
+        return await self._check_selected(ex, selections, tenant)

@@ -287,6 +287,43 @@ async def test_select_most_specific_and_targeted(
     await _eventually(lambda: pick("users", "GET", "", "x") is None, 1.0)
 
 
+async def test_select_both_is_select_of_the_rate_policy_and_of_the_quota(
+        store: PolicyStore, caches: list[PolicyCache]) -> None:
+    for policy in [
+        _policy("per-client", key_by="client_id"),
+        _policy("per-ip", route_id="orders", key_by="ip", limit=50),
+        _policy("daily", route_id="orders", key_by="client_id", quota_period="day",
+                limit=1000),
+        _policy("evil-only", route_id="users", match_key="evil", limit=1),
+    ]:
+        await store.put(policy, actor="a", reason="r")
+    cache = PolicyCache(store, [], refresh_s=30)
+    caches.append(cache)
+    await cache.start()
+    keys = _keys_of({"client_id": "c", "ip": "10.0.0.1"})
+
+    def ids(found: tuple[object, object]) -> tuple[str | None, str | None]:
+        return tuple(None if f is None else f[0].id for f in found)  # type: ignore[index,return-value]
+
+    for route, method, pre_auth in [("orders", "GET", False), ("orders", "GET", True),
+                                    ("users", "GET", False), ("users", "GET", True),
+                                    ("other", "POST", True)]:
+        both = cache.select_both(route, method, "", keys, pre_auth=pre_auth)
+        assert both == (cache.select(route, method, "", keys, pre_auth=pre_auth),
+                        cache.select(route, method, "", keys, quota=True, pre_auth=pre_auth))
+    assert ids(cache.select_both("orders", "GET", "", keys)) == ("per-ip", "daily")
+    assert ids(cache.select_both("orders", "GET", "", keys, pre_auth=True)) == ("per-ip", None)
+    assert ids(cache.select_both("users", "GET", "", keys)) == ("per-client", None)
+    assert ids(cache.select_both("users", "GET", "", _keys_of({"client_id": "evil"}))) == (
+        "evil-only", None)
+    assert cache.select_both("users", "GET", "", keys, pre_auth=True) == (None, None)
+
+    def broken(key_by: str) -> str:
+        raise RuntimeError("bad key function")
+
+    assert cache.select_both("orders", "GET", "", broken) == (None, None)
+
+
 async def test_select_never_raises(store: PolicyStore, caches: list[PolicyCache]) -> None:
     cache = PolicyCache(store, [_policy()], refresh_s=30)
     caches.append(cache)
