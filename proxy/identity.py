@@ -157,10 +157,11 @@ class IdentityResolver:
 
     def __init__(self, config: IdentityConfig) -> None:
         self.trusted = TrustedProxies(config.trusted_proxies)
+        self.has_trusted = bool(self.trusted)
         self.client_id_header = config.client_id_header
 
     def resolve(self, peer: str, headers: CIMultiDictProxy[str], tenant: str = "") -> Caller:
-        forwarded = headers.getall("X-Forwarded-For", None) if self.trusted else None
+        forwarded = headers.getall("X-Forwarded-For", None) if self.has_trusted else None
         address = client_address(peer, ",".join(forwarded) if forwarded else None, self.trusted)
         return Caller(address, client_id(headers.get(self.client_id_header)), tenant, headers)
 
@@ -176,7 +177,7 @@ class IdentityStep:
         resolver = self.resolver
         caller = resolver.resolve(peer, ex.request.headers)
         ex.caller = caller
-        ex.trusted_peer = bool(resolver.trusted) and resolver.trusted.contains(peer)
+        ex.trusted_peer = resolver.has_trusted and resolver.trusted.contains(peer)
         event = ex.event
         event.client_address = caller.address
         event.client_id = caller.client_id

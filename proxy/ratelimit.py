@@ -504,13 +504,14 @@ class FailoverRateLimiter:
 
     async def check(self, policy: Policy, key: str, cost: int = 1) -> Decision:
         gate = self._gate
-        if gate.skipping():
+        degraded = gate.degraded  # the gate's calls below only matter while degraded
+        if degraded and gate.skipping():
             return self._fallback(policy, key, cost)
-        if self._held is not None and not gate.degraded:  # hybrid: most checks end here
+        if self._held is not None and not degraded:  # hybrid: most checks end here
             held = self._held(policy, key, cost)
             if held is not None:
                 return held
-        probing = gate.begin()
+        probing = degraded and gate.begin()
         bounded = self._bounded
         try:
             if bounded is not None:
@@ -522,7 +523,8 @@ class FailoverRateLimiter:
             BACKEND_ERRORS.inc()
             gate.failed(exc, probing)
             return self._fallback(policy, key, cost)
-        gate.succeeded()
+        if gate.degraded:
+            gate.succeeded()
         return decision
 
     def _fallback(self, policy: Policy, key: str, cost: int) -> Decision:

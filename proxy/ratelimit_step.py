@@ -51,6 +51,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _TENANT_SEP: Final = "\x1f"
+_MODE_TEXT: Final = {mode: mode.value for mode in Mode}  # plain str for the event
 
 
 def build_limiter(config: RateLimit, redis: aioredis.Redis, keys: RedisKeys, *, workers: int,
@@ -138,11 +139,11 @@ class _Limiting:
         first = event.ratelimit_policy_id == ""
         if first:
             event.ratelimit_policy_id = policy.id
-            event.ratelimit_mode = policy.mode.value
+            event.ratelimit_mode = _MODE_TEXT[policy.mode]
         try:
             decision = await self.limiter.check(policy, key)
         except RateLimitUnavailable:
-            event.ratelimit_policy_id, event.ratelimit_mode = policy.id, policy.mode.value
+            event.ratelimit_policy_id, event.ratelimit_mode = policy.id, _MODE_TEXT[policy.mode]
             event.ratelimit_outcome = "error"
             event.error_type = "ratelimit_unavailable"
             return problem_response("rate-limit-unavailable",
@@ -163,11 +164,11 @@ class _Limiting:
                 event.ratelimit_outcome = "allowed"
         elif policy.mode is Mode.SHADOW:
             if event.ratelimit_outcome != "limited":
-                event.ratelimit_policy_id, event.ratelimit_mode = policy.id, policy.mode.value
+                event.ratelimit_policy_id, event.ratelimit_mode = policy.id, _MODE_TEXT[policy.mode]
                 event.ratelimit_outcome = "shadow_limited"
             return None
         else:
-            event.ratelimit_policy_id, event.ratelimit_mode = policy.id, policy.mode.value
+            event.ratelimit_policy_id, event.ratelimit_mode = policy.id, _MODE_TEXT[policy.mode]
             event.ratelimit_outcome = "limited"
         if policy.mode is not Mode.ENFORCE:
             return None
