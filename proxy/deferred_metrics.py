@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import logging
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Protocol
 
@@ -28,6 +29,9 @@ if TYPE_CHECKING:
     from prometheus_client import Counter, Gauge, Histogram
 
 
+log = logging.getLogger(__name__)
+
+
 class _Flushable(Protocol):
     def flush(self) -> None: ...
 
@@ -36,9 +40,13 @@ _PENDING: list[_Flushable] = []
 
 
 def flush_all() -> None:
-    """Hand every deferred count to prometheus_client."""
+    """Hand every deferred count to prometheus_client. A metric that fails to take its count
+    is logged and skipped: it never stops the others, a scrape or a worker's shutdown."""
     for deferred in _PENDING:
-        deferred.flush()
+        try:
+            deferred.flush()
+        except Exception:
+            log.exception("handing a deferred count to prometheus_client failed")
 
 
 async def flush_every(interval_s: float) -> None:

@@ -93,3 +93,20 @@ def test_in_flight_sets_the_gauge_at_each_flush() -> None:
     level.dec()
     flush_all()
     assert registry.get_sample_value("in_flight") == 0
+
+
+def test_a_failing_metric_does_not_stop_the_others(caplog: pytest.LogCaptureFixture) -> None:
+    class Broken:
+        def inc(self, amount: float = 1) -> None:
+            raise OSError("the metrics file is gone")
+
+    registry = CollectorRegistry()
+    healthy = Counter("after_broken", "test", registry=registry)
+    broken = DeferredCounter(Broken())  # type: ignore[arg-type]
+    counted = DeferredCounter(healthy)
+    broken.inc()
+    counted.inc(4)
+    with caplog.at_level("ERROR", logger="proxy.deferred_metrics"):
+        flush_all()
+    assert registry.get_sample_value("after_broken_total") == 4
+    assert "deferred count" in caplog.text
