@@ -6,12 +6,13 @@ attribute on the hot path instead, and `flush()` hands the sums to the real metr
 
 - on every read of the default registry (a collector registered ahead of every metric here
   flushes first), so this process's `/metrics` and `REGISTRY.get_sample_value` are exact;
-- every `flush_s` in a serving worker (`flush_every`), so in multiprocess mode the files the
-  supervisor's `/metrics` reads lag by at most that;
+- every `APIGW_METRICS_FLUSH_S` in a serving worker (`flush_every`), so in multiprocess mode
+  the files the supervisor's `/metrics` reads lag by at most that;
 - when a worker stops, after its last request.
 
-Counting happens on the event loop's thread only (the request path); a flush from another
-thread may race with it, which the registry reads above never do.
+Counting happens on the event loop's thread only (the request path), and so do the worker's
+flushes and its `/metrics`; a registry read from another thread could lose a count that
+races with it.
 """
 
 from __future__ import annotations
