@@ -69,7 +69,7 @@ def short(where: str) -> str:
 
 def measure(args: argparse.Namespace) -> int:
     sys.path.insert(0, str(ROOT / "bench"))
-    from harness import CLIENT_HEADERS, SUT_CPU, Bench, bench_token, wait_http
+    from harness import SUT_CPU, Bench, client_headers, wait_http
     from instructions import send
 
     from apigw.redis_server import free_port
@@ -83,11 +83,7 @@ def measure(args: argparse.Namespace) -> int:
                 port, admin = free_port(), free_port()
                 config = bench.gateway_config(source, f"{source}.yaml", 10)
                 out = tmp / f"calls-{source}.json"
-                env = {**os.environ, "APIGW_REDIS_URL": bench.redis_url,
-                       "APIGW_KEY_PREFIX": f"calls-{source}", "APIGW_EVENTS_STREAM": "calls:events",
-                       "APIGW_LOG_LEVEL": "WARNING", "APIGW_DATA_DIR": str(tmp / "data"),
-                       "APIGW_INSTANCE": f"calls-{source}", "PYTHONPATH": str(ROOT),
-                       "BENCH_UPSTREAM_URL": f"http://127.0.0.1:{bench.upstream_port}"}
+                env = {**bench.gateway_env(source, "calls"), "PYTHONPATH": str(ROOT)}
                 process = bench.procs.start(f"calls-{source}", [
                     bench.python, str(Path(__file__).resolve()), "--serve", str(out), "--",
                     "proxy", "--config", str(config), "--listen", f"127.0.0.1:{port}",
@@ -95,9 +91,7 @@ def measure(args: argparse.Namespace) -> int:
                     cwd=ROOT)
                 wait_http(f"http://127.0.0.1:{admin}/readyz", timeout=READY_TIMEOUT_S,
                           process=process)
-                headers = dict(header.split(": ", 1) for header in CLIENT_HEADERS)
-                if source.startswith("full"):
-                    headers["Authorization"] = f"Bearer {bench_token()}"
+                headers = dict(header.split(": ", 1) for header in client_headers(source))
                 send(port, headers, args.warmup, args.concurrency)
                 os.kill(process.pid, signal.SIGUSR1)
                 time.sleep(0.2)

@@ -99,7 +99,21 @@ class UpstreamSide(asyncio.Protocol):
         self.client.close()
 
 
-class ClientSide(asyncio.Protocol):
+class ClientWrites:
+    """What both client-side protocols do with their connection: write, close."""
+
+    transport: asyncio.Transport | None
+
+    def send(self, data: bytes) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+
+class ClientSide(ClientWrites, asyncio.Protocol):
     def __init__(self, upstream_host: str, upstream_port: int, use_tasks: bool) -> None:
         self.upstream_address = (upstream_host, upstream_port)
         self.host_header = f"\r\nHost: {upstream_host}:{upstream_port}".encode()
@@ -162,14 +176,6 @@ class ClientSide(asyncio.Protocol):
     async def _answer(self, future: asyncio.Future[bytes]) -> None:
         self.send(await future)
 
-    def send(self, data: bytes) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(data)
-
-    def close(self) -> None:
-        if self.transport is not None:
-            self.transport.close()
-
     def connection_lost(self, exc: Exception | None) -> None:
         if self.upstream is not None and self.upstream.transport is not None:
             self.upstream.transport.close()
@@ -210,7 +216,7 @@ async def serve_aiohttp(listen: str, upstream: str) -> None:
         await pool.close()
 
 
-class ParsedClient(BaseProtocol):
+class ParsedClient(ClientWrites, BaseProtocol):
     """One client connection: aiohttp's C request parser and a Task per request, no more."""
 
     def __init__(self, pool: ConnectionPool, target: Endpoint) -> None:
@@ -263,13 +269,6 @@ class ParsedClient(BaseProtocol):
         finally:
             response.release()
 
-    def send(self, data: bytes) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(data)
-
-    def close(self) -> None:
-        if self.transport is not None:
-            self.transport.close()
 
 
 async def serve_llhttp(listen: str, upstream: str) -> None:

@@ -402,27 +402,32 @@ class Bench:
                       f"(log: {self.logs / f'gw-{run_name}.log'})", flush=True)
                 self.skipped[run_name] = str(exc)
 
+    def gateway_env(self, name: str, tag: str, root: Path = ROOT) -> dict[str, str]:
+        """The environment of a gateway process named `name`: this run's Redis (keys and
+        instance prefixed by `tag`), data dir and upstream; `root`'s packages first when it is
+        another checkout."""
+        env = {**os.environ, "APIGW_REDIS_URL": self.redis_url,
+               "APIGW_KEY_PREFIX": f"{tag}-{name}", "APIGW_EVENTS_STREAM": f"{tag}:events",
+               "APIGW_LOG_LEVEL": "WARNING", "APIGW_DATA_DIR": str(self.tmp / "data"),
+               "APIGW_INSTANCE": f"{tag}-{name}",
+               "BENCH_UPSTREAM_URL": f"http://127.0.0.1:{self.upstream_port}",
+               "BENCH_JWT_SECRET": JWT_SECRET}
+        if root != ROOT:  # the other checkout's packages first (and as the working dir)
+            env["PYTHONPATH"] = str(root)
+        return env
+
     def _add_gateway(self, name: str, source: str, workers: int, routes: int, pinned: bool,
                      env: dict[str, str], note: str, root: Path, python: str) -> None:
         port, admin = free_port(), free_port()
         config = self.gateway_config(name, source, routes)
-        process_env = {**os.environ, "APIGW_REDIS_URL": self.redis_url,
-                       "APIGW_KEY_PREFIX": f"bench-{name}", "APIGW_EVENTS_STREAM": "bench:events",
-                       "APIGW_LOG_LEVEL": "WARNING", "APIGW_DATA_DIR": str(self.tmp / "data"),
-                       "APIGW_INSTANCE": f"bench-{name}",
-                       "BENCH_UPSTREAM_URL": f"http://127.0.0.1:{self.upstream_port}",
-                       "BENCH_JWT_SECRET": JWT_SECRET, **env}
-        if root != ROOT:  # the other checkout's packages first (and as the working dir)
-            process_env["PYTHONPATH"] = str(root)
+        process_env = {**self.gateway_env(name, "bench", root), **env}
         process = self.procs.start(f"gw-{name}", [
             python, "-m", "apigw.cli", "proxy", "--config", str(config),
             "--listen", f"127.0.0.1:{port}", "--admin", f"127.0.0.1:{admin}",
             "--workers", str(workers)], SUT_CPU if pinned else None, env=process_env, cwd=root)
         wait_http(f"http://127.0.0.1:{admin}/readyz", timeout=60, process=process)
         pids = descendants(process.pid) if workers > 1 else [process.pid]
-        headers = list(CLIENT_HEADERS)
-        if source.startswith("full"):
-            headers.append(f"Authorization: Bearer {bench_token()}")
+        headers = client_headers(source)
         target = Target(name, "gateway", port, pids, LOAD_CPU if pinned else None, note,
                         headers=headers)
         check = urllib.request.Request(target.url, headers=dict(
@@ -553,6 +558,15 @@ class Bench:
             finally:
                 self.procs.stop(spy_proc)
         return summarise_profile(raw) if raw.exists() else {}
+
+
+def client_headers(source: str) -> list[str]:
+    """The header lines the benchmark's client sends to a gateway run from config `source`
+    (the `full*` configs authenticate: a bearer token)."""
+    headers = list(CLIENT_HEADERS)
+    if source.startswith("full"):
+        headers.append(f"Authorization: Bearer {bench_token()}")
+    return headers
 
 
 def bench_token() -> str:

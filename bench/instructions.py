@@ -34,12 +34,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from harness import (
-    CLIENT_HEADERS,
     PATH,
     ROOT,
     SUT_CPU,
     Bench,
-    bench_token,
+    client_headers,
     wait_http,
 )
 
@@ -62,20 +61,23 @@ def callgrind_control(*args: str) -> None:
     subprocess.run(["callgrind_control", *args], check=True, capture_output=True, timeout=60)
 
 
+def newest_dump(out: Path) -> Path:
+    """callgrind's newest dump of `out` (`<out>.<n>`, n counting up)."""
+    return max(out.parent.glob(out.name + ".*"), key=lambda p: int(p.suffix[1:]))
+
+
 def last_dump_total(out: Path) -> int:
-    """Instructions in the newest dump (`<out>.<n>`): counts since the previous dump."""
-    dumps = sorted(out.parent.glob(out.name + ".*"), key=lambda p: int(p.suffix[1:]))
-    for line in dumps[-1].read_text().splitlines():
+    """Instructions in the newest dump: counts since the previous dump."""
+    dump = newest_dump(out)
+    for line in dump.read_text().splitlines():
         if line.startswith("summary:"):
             return int(line.split()[1])
-    raise RuntimeError(f"no summary in {dumps[-1]}")
+    raise RuntimeError(f"no summary in {dump}")
 
 
 def keep_dump(target: Counted, into: Path) -> None:
-    dumps = sorted(target.out.parent.glob(target.out.name + ".*"),
-                   key=lambda p: int(p.suffix[1:]))
     into.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(dumps[-1], into / f"callgrind-{target.name}.out")
+    shutil.copyfile(newest_dump(target.out), into / f"callgrind-{target.name}.out")
 
 
 def send(port: int, headers: dict[str, str], count: int, concurrency: int = 1) -> None:
@@ -102,22 +104,14 @@ def start(bench: Bench, name: str, source: str, root: Path, tmp: Path) -> Counte
     port, admin = free_port(), free_port()
     config = bench.gateway_config(name, source, 10)
     out = tmp / f"callgrind-{name}.out"
-    env = {**os.environ, "APIGW_REDIS_URL": bench.redis_url,
-           "APIGW_KEY_PREFIX": f"instr-{name}", "APIGW_EVENTS_STREAM": "instr:events",
-           "APIGW_LOG_LEVEL": "WARNING", "APIGW_DATA_DIR": str(tmp / "data"),
-           "APIGW_INSTANCE": f"instr-{name}",
-           "BENCH_UPSTREAM_URL": f"http://127.0.0.1:{bench.upstream_port}"}
-    if root != ROOT:
-        env["PYTHONPATH"] = str(root)
+    env = bench.gateway_env(name, "instr", root)
     process = bench.procs.start(f"cg-{name}", [
         "valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}",
         bench.python, "-m", "apigw.cli", "proxy", "--config", str(config),
         "--listen", f"127.0.0.1:{port}", "--admin", f"127.0.0.1:{admin}", "--workers", "1"],
         SUT_CPU, env=env, cwd=root)
     wait_http(f"http://127.0.0.1:{admin}/readyz", timeout=READY_TIMEOUT_S, process=process)
-    headers = dict(header.split(": ", 1) for header in CLIENT_HEADERS)
-    if source.startswith("full"):
-        headers["Authorization"] = f"Bearer {bench_token()}"
+    headers = dict(header.split(": ", 1) for header in client_headers(source))
     return Counted(name, port, process.pid, out, headers)
 
 
