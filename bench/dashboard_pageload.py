@@ -230,7 +230,7 @@ async def drive(chromium: str, dashboard: str, api_url: str, profile: Path,
             script_id = (await devtools.call("Page.addScriptToEvaluateOnNewDocument",
                                              source=watcher))["identifier"]
             url = f"{dashboard}{page.path}minutes={minutes}&tz=UTC"
-            if kind == "return":  # the page's reads must come from the API, not the cache
+            if kind in ("first", "return"):  # its reads must come from the API, not the cache
                 wait = loaded_at.get(page.name, 0.0) + READ_TTL_S + 0.5 - time.monotonic()
                 await asyncio.sleep(max(0.0, wait))
             ready, marks, api_ms, calls = await load(
