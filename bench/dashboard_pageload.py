@@ -81,6 +81,7 @@ DATAFRAME = '[data-testid="stDataFrame"] canvas'
 CHART = '[data-testid="stVegaLiteChart"] canvas, [data-testid="stVegaLiteChart"] svg.marks'
 METRIC = '[data-testid="stMetric"]'
 TABLE = '[data-testid="stTable"] table'
+HTML_TABLE = '[data-testid="stHtml"] table'
 
 
 @dataclass(frozen=True)
@@ -97,7 +98,7 @@ def pages(only: frozenset[str] = frozenset()) -> list[Page]:
     every = [
         Page("overview", "/?", "Overview", [(METRIC, 5), (DATAFRAME, 1)]),
         Page("investigate", "/investigate?" + urllib.parse.urlencode({"endpoint": endpoint})
-             + "&", "Investigate", [(CHART, 4), (TABLE, 5), (DATAFRAME, 1)]),
+             + "&", "Investigate", [(CHART, 4), (HTML_TABLE, 5), (DATAFRAME, 1)]),
         Page("security", "/security?", "Security review", [(METRIC, 3)]),
         Page("policies", "/policies?", "Policies", [(TABLE, 5)]),
         Page("audit", "/audit?", "Audit", [(DATAFRAME, 1)]),

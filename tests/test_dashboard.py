@@ -7,9 +7,11 @@ client-a; plus two security anomalies below; one policy `default-per-client` 100
 
 from __future__ import annotations
 
+import contextlib
 import json
 import urllib.request
 from collections.abc import Iterator
+from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
@@ -72,9 +74,56 @@ def open_page(url: str, monkeypatch: pytest.MonkeyPatch, page: str | None = None
     return app
 
 
+class _Tables(HTMLParser):
+    """The tables in an `st.html` element: header cells, and each row's header and data cells."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tables: list[list[list[tuple[str, str]]]] = []
+        self._cell: list[str] | None = None
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag == "table":
+            self.tables.append([])
+        elif tag == "tr" and self.tables:
+            self.tables[-1].append([])
+        elif tag in ("th", "td"):
+            self._cell = [tag]
+
+    def handle_data(self, data: str) -> None:
+        if self._cell is not None:
+            self._cell.append(data)
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag in ("th", "td") and self._cell is not None and self.tables:
+            self.tables[-1][-1].append((self._cell[0], "".join(self._cell[1:]).strip()))
+            self._cell = None
+
+
+def html_frames(app: AppTest) -> list[pd.DataFrame]:
+    """Tables drawn inside `st.html` as frames: the first row names the columns; a row's
+    leading header cell (when the header row has one more cell than its data) is its index."""
+    frames = []
+    for element in app.get("html"):
+        parser = _Tables()
+        parser.feed(element.proto.body)
+        for head, *body in (table for table in parser.tables if table):
+            columns = [text for _, text in head]
+            indexed = bool(body) and len(columns) == len(body[0]) and body[0][0][0] == "th"
+            frame = pd.DataFrame([[text for _, text in row[1:]] if indexed
+                                  else [text for _, text in row] for row in body],
+                                 columns=columns[1:] if indexed else columns,
+                                 index=[row[0][1] for row in body] if indexed else None)
+            for name in frame.columns:
+                with contextlib.suppress(ValueError):  # text columns stay text
+                    frame[name] = pd.to_numeric(frame[name].str.replace(",", ""))
+            frames.append(frame)
+    return frames
+
+
 def frame_with(app: AppTest, column: str) -> pd.DataFrame:
-    shown = [*app.table, *app.dataframe]
-    frames = [element.value for element in shown if column in element.value.columns]
+    shown = [*(t.value for t in app.table), *html_frames(app), *(d.value for d in app.dataframe)]
+    frames = [frame for frame in shown if column in frame.columns]
     assert frames, f"no table with a {column!r} column"
     return frames[0]
 
@@ -120,7 +169,7 @@ def test_investigate_deep_link_to_an_endpoint(api_url: str,
     assert clients.to_dict("records")[0]["client"] == "client-a"
     assert clients.to_dict("records")[0]["requests"] == 40
     status = frame_with(app, "status")
-    assert status.set_index("status").loc["200", "requests"] == 40
+    assert status.set_index("status").loc[200, "requests"] == 40  # read back as a number
     compared = frame_with(app, "worst p95 ms")
     assert compared.loc["this window", "requests"] == 40
     assert compared.loc["a day earlier", "requests"] == 0

@@ -73,6 +73,11 @@ _STATE = """JSON.stringify({
 })"""
 
 
+VIEWPORT = (1400, 1000)  # apigw/devtools.py's --window-size
+MAX_SHOT_HEIGHT = 8000
+_CONTENT_HEIGHT = "Math.max(...[...document.querySelectorAll('*')].map(e => e.scrollHeight))"
+
+
 async def render(devtools: DevTools, url: str, title: str) -> tuple[bytes, str, bool]:
     """Navigate; wait until the page shows `title` with Streamlit idle; return a screenshot,
     the DOM and whether it settled in time."""
@@ -86,8 +91,14 @@ async def render(devtools: DevTools, url: str, title: str) -> tuple[bytes, str, 
         except DevToolsError:  # asked while the old document was being replaced
             continue
         settled = settled + 1 if title in state.get("titles", []) and not state["busy"] else 0
+    # the whole page in the shot: a viewport as tall as the tallest scrolling content
+    height = int(await devtools.evaluate(_CONTENT_HEIGHT) or VIEWPORT[1])
+    await devtools.call("Emulation.setDeviceMetricsOverride", width=VIEWPORT[0],
+                        height=min(max(height, VIEWPORT[1]), MAX_SHOT_HEIGHT),
+                        deviceScaleFactor=1, mobile=False)
     await asyncio.sleep(1.0)  # let the charts draw
     shot = await devtools.call("Page.captureScreenshot", format="png")
+    await devtools.call("Emulation.clearDeviceMetricsOverride")
     dom = await devtools.evaluate("document.documentElement.outerHTML")
     return base64.b64decode(shot["data"]), str(dom), settled >= 3
 

@@ -1,9 +1,12 @@
-"""`rows_table`: short tables as static HTML, long ones as a data grid."""
+"""`rows_table`: short tables as static HTML, long ones as a data grid; Investigate's summary
+tables as one HTML element, escaped."""
 
 from __future__ import annotations
 
 import pytest
 from streamlit.testing.v1 import AppTest
+
+from dashboard.tables import comparison, shares, tables_html
 
 
 def _page(rows: int) -> None:
@@ -24,3 +27,15 @@ def test_short_tables_are_static_and_long_ones_a_grid(rows: int, static: bool) -
     [element] = shown
     assert list(element.value["policy"]) == [f"p{i}" for i in range(rows)]
     assert element.value.shape == (rows, 2)
+
+
+def test_investigate_tables_escape_what_clients_sent() -> None:
+    hostile = '<img src=x onerror="alert(1)">'
+    row = {"client": hostile, "requests": 3, "share": 0.5, "compare_share": None,
+           "errors_5xx": 0, "auth_failures": 0, "distinct_paths": 1}
+    drawn = tables_html(comparison({"this window": {"requests": 3.0}}), "since <now>",
+                        [("Top clients", shares([row], "client"))])
+    assert hostile not in drawn
+    assert "&lt;img src=x onerror=&#34;alert(1)&#34;&gt;" in drawn
+    assert "since &lt;now&gt;" in drawn
+    assert drawn.count("<table") == 2

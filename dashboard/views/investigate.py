@@ -27,6 +27,7 @@ from dashboard.common import (
     times,
     when,
 )
+from dashboard.tables import comparison, shares, tables_html
 
 COMPARE = {"nothing": None, "a day earlier": "1d", "a week earlier": "1w"}
 PAGE_SIZE = 50
@@ -123,25 +124,6 @@ def trim_leading_idle(data: pd.DataFrame, keep: int = 3) -> pd.DataFrame:
     return data.iloc[max(0, int(busy.argmax()) - keep):].reset_index(drop=True)
 
 
-def share_table(rows: list[dict[str, Any]], name: str) -> pd.DataFrame:
-    return pd.DataFrame([{
-        name: row.get("client", row.get("value")) or "(none)", "requests": row["requests"],
-        "share": row["share"], "share before": row["compare_share"],
-        "change": row["share"] - (row["compare_share"] or 0.0),
-        **({"5xx": row["errors_5xx"], "auth failures": row["auth_failures"],
-            "distinct paths": row["distinct_paths"]} if "errors_5xx" in row else {}),
-    } for row in rows])
-
-
-def shares(rows: list[dict[str, Any]], name: str) -> Any:
-    """A share table for `st.table`: a few rows, drawn as a plain HTML table (cheaper for the
-    browser than a data grid, and its cells select and copy as text)."""
-    frame = share_table(rows, name)
-    percent: dict[Any, str | Callable[[object], str] | None] = {
-        column: "{:.1%}" for column in ("share", "share before", "change")}
-    return frame.style.hide(axis="index").format(percent, na_rep="-")
-
-
 def totals(points: list[dict[str, Any]]) -> dict[str, float]:
     requests = sum(p["requests"] for p in points)
     errors = sum(p["errors_5xx"] for p in points)
@@ -200,29 +182,14 @@ def render(ctx: Context) -> None:
                 data, column, title, windows, earlier if compare else None, label, percent),
                 width="stretch")
 
-    st.subheader("Compared with the same window earlier")
-    now_totals = totals(series["points"])
-    rows = {"this window": now_totals}
+    rows = {"this window": totals(series["points"])}
     for name, code in (("a day earlier", "1d"), ("a week earlier", "1w")):
         rows[name] = totals(reads[code]["compare_points"])
-    st.table(pd.DataFrame(rows).T.style.format({"5xx rate": "{:.2%}", "requests": "{:,.0f}",
-                                                "5xx": "{:,.0f}", "429s": "{:,.0f}",
-                                                "auth failures": "{:,.0f}",
-                                                "worst p95 ms": "{:,.1f}"}))
-
-    st.subheader("Who and what")
-    st.caption(f"Shares {during_label}; a client absent before shows 0% before.")
-    left, right = st.columns(2)
-    with left:
-        st.markdown("**Status codes**")
-        st.table(shares(reads["status"], "status"))
-        st.markdown("**Top clients**")
-        st.table(shares(reads["clients"], "client"))
-    with right:
-        st.markdown("**Error classes**")
-        st.table(shares(reads["error_type"], "error class"))
-        st.markdown("**Top IPs**")
-        st.table(shares(reads["ips"], "ip"))
+    st.html(tables_html(comparison(rows), during_label, [
+        ("Status codes", shares(reads["status"], "status")),
+        ("Error classes", shares(reads["error_type"], "error class")),
+        ("Top clients", shares(reads["clients"], "client")),
+        ("Top IPs", shares(reads["ips"], "ip"))]))
 
     st.subheader("Example requests")
     cols = st.columns([1, 2, 2, 1])
