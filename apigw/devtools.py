@@ -24,9 +24,11 @@ import aiohttp
 
 from apigw.redis_server import free_port
 
+WINDOW: Final = (1400, 1000)  # width, height in CSS pixels
 FLAGS: Final = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                 "--disable-component-update", "--no-first-run", "--disable-sync",
-                "--disable-dev-shm-usage", "--hide-scrollbars", "--window-size=1400,1000"]
+                "--disable-dev-shm-usage", "--hide-scrollbars",
+                f"--window-size={WINDOW[0]},{WINDOW[1]}"]
 CALL_TIMEOUT_S: Final = 30.0
 START_TIMEOUT_S: Final = 30.0
 STOP_TIMEOUT_S: Final = 10.0

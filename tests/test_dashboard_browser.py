@@ -23,7 +23,14 @@ from pathlib import Path
 
 import pytest
 
-from apigw.devtools import DevTools, DevToolsError, browser, find_chromium, install_chromium
+from apigw.devtools import (
+    WINDOW,
+    DevTools,
+    DevToolsError,
+    browser,
+    find_chromium,
+    install_chromium,
+)
 from apigw.redis_server import free_port
 from tests.processes import apigw_command, managed
 from tests.test_api import ANOMALY_ID, served_api
@@ -73,7 +80,6 @@ _STATE = """JSON.stringify({
 })"""
 
 
-VIEWPORT = (1400, 1000)  # apigw/devtools.py's --window-size
 MAX_SHOT_HEIGHT = 8000
 _CONTENT_HEIGHT = "Math.max(...[...document.querySelectorAll('*')].map(e => e.scrollHeight))"
 
@@ -92,9 +98,9 @@ async def render(devtools: DevTools, url: str, title: str) -> tuple[bytes, str, 
             continue
         settled = settled + 1 if title in state.get("titles", []) and not state["busy"] else 0
     # the whole page in the shot: a viewport as tall as the tallest scrolling content
-    height = int(await devtools.evaluate(_CONTENT_HEIGHT) or VIEWPORT[1])
-    await devtools.call("Emulation.setDeviceMetricsOverride", width=VIEWPORT[0],
-                        height=min(max(height, VIEWPORT[1]), MAX_SHOT_HEIGHT),
+    height = int(await devtools.evaluate(_CONTENT_HEIGHT) or WINDOW[1])
+    await devtools.call("Emulation.setDeviceMetricsOverride", width=WINDOW[0],
+                        height=min(max(height, WINDOW[1]), MAX_SHOT_HEIGHT),
                         deviceScaleFactor=1, mobile=False)
     await asyncio.sleep(1.0)  # let the charts draw
     shot = await devtools.call("Page.captureScreenshot", format="png")
