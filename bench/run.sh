@@ -60,7 +60,7 @@ if [[ -f bench/pipeline.py && ${BENCH_PIPELINE:-1} != 0 ]]; then
     child=0
 fi
 
-# Opt-in (BENCH_DASHBOARD=1, ~8 more minutes): the dashboard's API time per page, then its
+# Opt-in (BENCH_DASHBOARD=1, ~9 more minutes): the dashboard's API time per page, then its
 # rendered page load in headless Chromium, both on 10 M events (bench/README.md).
 if [[ ${BENCH_DASHBOARD:-0} != 0 ]]; then
     for script in bench/dashboard_queries.py bench/dashboard_pageload.py; do
