@@ -15,6 +15,9 @@ from typing import Any
 import pandas as pd
 from pandas.io.formats.style import Styler
 
+NARROW_COLUMNS = 5  # a share table with more (top clients: 8) takes a whole row of the grid
+_WIDE = " style='grid-column: 1 / -1'"
+
 
 def share_table(rows: list[dict[str, Any]], name: str) -> pd.DataFrame:
     """Rows of the API's top clients or breakdown (share now and before) as a frame."""
@@ -27,12 +30,15 @@ def share_table(rows: list[dict[str, Any]], name: str) -> pd.DataFrame:
     } for row in rows])
 
 
-def shares(rows: list[dict[str, Any]], name: str) -> Styler:
-    """A share table, formatted; its values (client ids, addresses) escaped for HTML."""
+def share_block(title: str, rows: list[dict[str, Any]], name: str) -> str:
+    """A titled share table, formatted, its values (client ids, addresses) escaped; a wide
+    one (top clients) takes a whole row of the grid."""
     frame = share_table(rows, name)
     percent: dict[Any, str | Callable[[object], str] | None] = {
         column: "{:.1%}" for column in ("share", "share before", "change")}
-    return frame.style.hide(axis="index").format(percent, na_rep="-", escape="html")
+    table = frame.style.hide(axis="index").format(percent, na_rep="-", escape="html").to_html()
+    wide = _WIDE if len(frame.columns) > NARROW_COLUMNS else ""
+    return f"<div{wide}><p><strong>{html.escape(title)}</strong></p>{table}</div>"
 
 
 def comparison(rows: dict[str, dict[str, float]]) -> Styler:
@@ -53,12 +59,10 @@ _STYLE = """<style>
 </style>"""
 
 
-def tables_html(compared: Styler, during_label: str, blocks: list[tuple[str, Styler]]) -> str:
-    """The comparison, then the share tables side by side (two a row where they fit)."""
-    cells = "".join(f"<div><p><strong>{html.escape(title)}</strong></p>{styler.to_html()}"
-                    "</div>" for title, styler in blocks)
+def tables_html(compared: Styler, during_label: str, blocks: list[str]) -> str:
+    """The comparison, then the share blocks side by side (two a row where they fit)."""
     return (f"{_STYLE}<div class='apigw-tables'>"
             "<h3>Compared with the same window earlier</h3>" + compared.to_html()
             + "<h3>Who and what</h3>"
             + f"<p><small>Shares {html.escape(during_label)}; a client absent before shows 0% "
-            f"before.</small></p><div class='grid'>{cells}</div></div>")
+            f"before.</small></p><div class='grid'>{''.join(blocks)}</div></div>")

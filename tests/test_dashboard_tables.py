@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from dashboard.tables import comparison, shares, tables_html
+from dashboard.tables import comparison, share_block, tables_html
 
 
 def _page(rows: int) -> None:
@@ -34,8 +34,9 @@ def test_investigate_tables_escape_what_clients_sent() -> None:
     row = {"client": hostile, "requests": 3, "share": 0.5, "compare_share": None,
            "errors_5xx": 0, "auth_failures": 0, "distinct_paths": 1}
     drawn = tables_html(comparison({"this window": {"requests": 3.0}}), "since <now>",
-                        [("Top clients", shares([row], "client"))])
+                        [share_block("Top clients", [row], "client")])
     assert hostile not in drawn
     assert "&lt;img src=x onerror=&#34;alert(1)&#34;&gt;" in drawn
     assert "since &lt;now&gt;" in drawn
     assert drawn.count("<table") == 2
+    assert "grid-column: 1 / -1" in drawn  # eight columns: a whole row

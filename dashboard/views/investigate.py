@@ -27,7 +27,7 @@ from dashboard.common import (
     times,
     when,
 )
-from dashboard.tables import comparison, shares, tables_html
+from dashboard.tables import comparison, share_block, tables_html
 
 COMPARE = {"nothing": None, "a day earlier": "1d", "a week earlier": "1w"}
 PAGE_SIZE = 50
@@ -186,10 +186,10 @@ def render(ctx: Context) -> None:
     for name, code in (("a day earlier", "1d"), ("a week earlier", "1w")):
         rows[name] = totals(reads[code]["compare_points"])
     st.html(tables_html(comparison(rows), during_label, [
-        ("Status codes", shares(reads["status"], "status")),
-        ("Error classes", shares(reads["error_type"], "error class")),
-        ("Top clients", shares(reads["clients"], "client")),
-        ("Top IPs", shares(reads["ips"], "ip"))]))
+        share_block("Status codes", reads["status"], "status"),
+        share_block("Error classes", reads["error_type"], "error class"),
+        share_block("Top clients", reads["clients"], "client"),
+        share_block("Top IPs", reads["ips"], "ip")]))
 
     st.subheader("Example requests")
     cols = st.columns([1, 2, 2, 1])
