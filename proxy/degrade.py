@@ -12,6 +12,10 @@ limiter, a cache BYPASS); this class only keeps the state, the gauge and the two
         gate.failed(exc, probing)
         return fallback()
     gate.succeeded()
+
+While `gate.degraded` is False, `skipping`, `begin` and `succeeded` do nothing (False, False,
+no-op); a per-request caller may skip those calls then (proxy/ratelimit.py's
+`FailoverRateLimiter.check` does). `failed` must always be called.
 """
 
 from __future__ import annotations

@@ -504,7 +504,7 @@ class FailoverRateLimiter:
 
     async def check(self, policy: Policy, key: str, cost: int = 1) -> Decision:
         gate = self._gate
-        degraded = gate.degraded  # the gate's calls below only matter while degraded
+        degraded = gate.degraded  # the gate's calls below are no-ops unless degraded (degrade.py)
         if degraded and gate.skipping():
             return self._fallback(policy, key, cost)
         if self._held is not None and not degraded:  # hybrid: most checks end here
