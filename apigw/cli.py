@@ -468,7 +468,8 @@ def dashboard_app_path() -> Path:
     spec = importlib.util.find_spec("dashboard")
     if spec is None or not spec.submodule_search_locations:
         raise UsageError("the dashboard package is not installed")
-    return Path(next(iter(spec.submodule_search_locations))) / "app.py"
+    # dashboard/asgi.py: the app (dashboard/app.py) in Streamlit's server, see its docstring
+    return Path(next(iter(spec.submodule_search_locations))) / "asgi.py"
 
 
 def dashboard_command(listen: str) -> list[str]:

@@ -19,19 +19,13 @@ if __package__ in (None, ""):  # run as a script by streamlit: make the project 
 import streamlit as st
 
 from dashboard.common import CachedClient, auto_refresh, sidebar
-
-VIEWS = Path(__file__).resolve().parent / "views"
-PAGES = (("overview.py", "Overview", ":material/monitoring:", "overview"),
-         ("investigate.py", "Investigate", ":material/troubleshoot:", "investigate"),
-         ("security.py", "Security review", ":material/shield:", "security"),
-         ("policies.py", "Policies", ":material/tune:", "policies"),
-         ("audit.py", "Audit", ":material/history:", "audit"))
+from dashboard.navigation import DEFAULT_PAGE, PAGES, VIEWS
 
 
 def main() -> None:
     st.set_page_config(page_title="apigw", page_icon=":material/shield:", layout="wide")
     pages = [st.Page(VIEWS / file, title=title, icon=icon, url_path=path,
-                     default=path == "overview") for file, title, icon, path in PAGES]
+                     default=path == DEFAULT_PAGE) for file, title, icon, path in PAGES]
     page = st.navigation(pages)
     ctx = sidebar(CachedClient.from_env())
     st.session_state["_context"] = ctx

@@ -6,7 +6,7 @@ visitor after a start or a deploy waits for pandas, pandas' table styling, Arrow
 dashboard's own modules (~0.5 s on a 2-CPU machine, bench/dashboard_pageload.py's "first
 session" line) on top of the page itself.
 
-    python -m dashboard.serve run dashboard/app.py --server.port 8501 ...   # streamlit's CLI
+    python -m dashboard.serve run dashboard/asgi.py --server.port 8501 ...   # streamlit's CLI
 """
 
 from __future__ import annotations

@@ -177,7 +177,7 @@ def test_demo_refuses_to_wipe_a_directory_it_did_not_make(tmp_path: Path) -> Non
 def test_dashboard_command_runs_streamlit_on_the_app() -> None:
     command = dashboard_command("127.0.0.1:8601")
     assert command[:4] == [sys.executable, "-m", "dashboard.serve", "run"]
-    assert Path(command[4]) == ROOT / "dashboard" / "app.py"
+    assert Path(command[4]) == ROOT / "dashboard" / "asgi.py"  # dashboard/app.py in st.App
     assert command[5:] == ["--server.address", "127.0.0.1", "--server.port", "8601",
                            "--server.headless", "true", "--browser.gatherUsageStats", "false",
                            "--client.toolbarMode", "viewer", "--server.fileWatcherType", "none",

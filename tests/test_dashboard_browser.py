@@ -80,14 +80,20 @@ _STATE = """JSON.stringify({
 })"""
 
 
+# where the front end asked whether the server is up: the app's base only (dashboard/asgi.py
+# tells it where that is; unaided it asks `<page>/_stcore/health` first and waits 100 ms)
+_HEALTH_PROBES = """JSON.stringify(performance.getEntriesByType('resource')
+  .map(e => e.name).filter(name => name.includes('_stcore/health')))"""
+# a link of the sidebar's page navigation, by its text
+_CLICK_NAV = """[...document.querySelectorAll('[data-testid="stSidebarNavLink"]')]
+  .find(a => a.innerText.includes(%s)).click()"""
+
 MAX_SHOT_HEIGHT = 8000
 _CONTENT_HEIGHT = "Math.max(...[...document.querySelectorAll('*')].map(e => e.scrollHeight))"
 
 
-async def render(devtools: DevTools, url: str, title: str) -> tuple[bytes, str, bool]:
-    """Navigate; wait until the page shows `title` with Streamlit idle; return a screenshot,
-    the DOM and whether it settled in time."""
-    await devtools.call("Page.navigate", url=url)
+async def settle(devtools: DevTools, title: str) -> bool:
+    """Wait until the page shows `title` with Streamlit idle; whether it did in time."""
     deadline = time.monotonic() + PAGE_TIMEOUT_S
     settled = 0
     while time.monotonic() < deadline and settled < 3:
@@ -97,6 +103,14 @@ async def render(devtools: DevTools, url: str, title: str) -> tuple[bytes, str, 
         except DevToolsError:  # asked while the old document was being replaced
             continue
         settled = settled + 1 if title in state.get("titles", []) and not state["busy"] else 0
+    return settled >= 3
+
+
+async def render(devtools: DevTools, url: str, title: str) -> tuple[bytes, str, bool]:
+    """Navigate; wait until the page shows `title` with Streamlit idle; return a screenshot,
+    the DOM and whether it settled in time."""
+    await devtools.call("Page.navigate", url=url)
+    settled = await settle(devtools, title)
     # the whole page in the shot: a viewport as tall as the tallest scrolling content
     height = int(await devtools.evaluate(_CONTENT_HEIGHT) or WINDOW[1])
     await devtools.call("Emulation.setDeviceMetricsOverride", width=WINDOW[0],
@@ -106,7 +120,7 @@ async def render(devtools: DevTools, url: str, title: str) -> tuple[bytes, str, 
     shot = await devtools.call("Page.captureScreenshot", format="png")
     await devtools.call("Emulation.clearDeviceMetricsOverride")
     dom = await devtools.evaluate("document.documentElement.outerHTML")
-    return base64.b64decode(shot["data"]), str(dom), settled >= 3
+    return base64.b64decode(shot["data"]), str(dom), settled
 
 
 async def test_every_page_renders_in_chromium(chromium: str, dashboard_url: str,
@@ -123,3 +137,9 @@ async def test_every_page_renders_in_chromium(chromium: str, dashboard_url: str,
             assert settled, f"{name}: no {title!r} title with Streamlit idle in time"
             assert shot.startswith(b"\x89PNG"), name
             assert len(shot) > 20_000, (name, len(shot))
+            probes = set(json.loads(await devtools.evaluate(_HEALTH_PROBES) or "[]"))
+            assert probes == {f"{dashboard_url}/_stcore/health"}, (name, probes)
+        # from a page opened at its own address, the sidebar still leads to the others
+        await devtools.evaluate(_CLICK_NAV % json.dumps("Security review"))
+        assert await settle(devtools, "Security review"), "no Security review after its link"
+        assert await devtools.evaluate("location.pathname") == "/security"

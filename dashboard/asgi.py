@@ -1,0 +1,75 @@
+"""The dashboard as an ASGI app (`st.App`), what `apigw dashboard` runs: Streamlit's server,
+with each page's address answering Streamlit's own page plus where the server is.
+
+Opened at a page's address (`/investigate?...`: every deep link, bookmark and reload of a page
+other than the overview), Streamlit's front end cannot tell whether `/investigate` is the
+app's base path or a page under `/`: it asks `/investigate/_stcore/health`, gets a 404, waits
+100 ms and asks `/_stcore/health`. That probe cost every such load 100-150 ms before the
+websocket opened (bench/dashboard_pageload.py, `connected`: ~225 ms against ~115 ms for the
+overview at `/`). Setting the front end's `window.__streamlit.BACKEND_BASE_URL` to the page's
+parent address - the base the probe finds second, under a proxy's path prefix too - before
+its scripts run makes it ask the right place first. Any other address is Streamlit's own.
+
+    streamlit run dashboard/asgi.py --server.port 8501 ...   # as apigw dashboard does
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Final
+
+if __package__ in (None, ""):  # imported by streamlit as a top-level module
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import streamlit as st
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, Response
+from starlette.routing import Route
+from streamlit import config
+
+from dashboard.navigation import DEFAULT_PAGE, PAGES
+
+APP: Final = Path(__file__).resolve().parent / "app.py"
+STREAMLIT_PAGE: Final = Path(st.__file__).resolve().parent / "static" / "index.html"
+# Runs before the front end's own scripts (module scripts run after the document is parsed).
+BASE_SCRIPT: Final = ("<script>window.__streamlit = Object.assign({}, window.__streamlit, "
+                      '{BACKEND_BASE_URL: new URL(".", window.location.href).href});</script>')
+_HEAD: Final = "<head>"
+
+
+def page_html(streamlit_page: str) -> str | None:
+    """Streamlit's page with BASE_SCRIPT first in its head; None when it has no head (then the
+    page routes are not added and Streamlit serves its page unchanged)."""
+    at = streamlit_page.find(_HEAD)
+    if at < 0:
+        return None
+    at += len(_HEAD)
+    return streamlit_page[:at] + BASE_SCRIPT + streamlit_page[at:]
+
+
+def page_routes(base_url_path: str, html: str | None) -> list[Route]:
+    """A route per page other than the default one (served at the base path itself, where the
+    front end probes nothing)."""
+    if html is None:
+        return []
+    prefix = "/" + base_url_path.strip("/") if base_url_path.strip("/") else ""
+
+    async def page(request: Request) -> Response:
+        # as Streamlit serves its page: never cached, the assets it names are
+        return HTMLResponse(html, headers={"Cache-Control": "no-cache"})
+
+    return [Route(f"{prefix}/{path}", page, methods=["GET", "HEAD"])
+            for _, _, _, path in PAGES if path != DEFAULT_PAGE]
+
+
+def _streamlit_page() -> str | None:
+    try:
+        return STREAMLIT_PAGE.read_text(encoding="utf-8")
+    except OSError:  # a Streamlit without its static page (development builds)
+        return None
+
+
+page_source = _streamlit_page()
+app = st.App(APP, routes=page_routes(str(config.get_option("server.baseUrlPath")),
+                                     None if page_source is None else page_html(page_source)))
