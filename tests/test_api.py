@@ -8,7 +8,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -29,7 +29,14 @@ from analytics.models import (
     Recommendation,
     RecommendationStatus,
 )
-from analytics.queries import EndpointFilter, Queries, RequestSearch, TimeRange
+from analytics.queries import (
+    BreakdownDimension,
+    Compare,
+    EndpointFilter,
+    Queries,
+    RequestSearch,
+    TimeRange,
+)
 from apigw.redis_server import free_port
 from collector.clickhouse import SharedClient
 from collector.schema import migrate
@@ -823,6 +830,47 @@ async def test_compare_with_earlier_windows(live: Live) -> None:
     status_code, problem, _ = await live.call("GET", "/api/v1/endpoints/timeseries?compare=2d")
     assert status_code == 400
     assert "compare" in problem["detail"]
+
+
+async def test_a_compared_read_equals_both_windows_read_alone(ch: SharedClient,
+                                                             now: float) -> None:
+    """A range and its earlier window are read in one scan; over a range longer than a day
+    compared with a day earlier, yesterday's traffic lies in both windows and counts in each."""
+    insert_events(ch, [replace(event, timestamp=event.timestamp - 86_400,
+                               request_id=f"day-{event.request_id}")
+                       for event in seed_events(now)])
+    queries, orders = Queries(ch), EndpointFilter("orders", "GET", "/orders/{id}")
+    rng = TimeRange(now - 86_400 - 20 * 60, now + 60)
+    for compare in Compare:
+        earlier = compare.shift(rng)
+        series = await queries.timeseries(rng, orders, compare)
+        alone = await queries.timeseries(earlier if compare is not Compare.PREV else TimeRange(
+            rng.start - series.compare_offset_s, rng.end - series.compare_offset_s), orders)
+        assert series.points == (await queries.timeseries(rng, orders)).points
+        assert series.compare_points == [point.model_copy(update={
+            "ts": point.ts + series.compare_offset_s}) for point in alone.points]
+        for by in (BreakdownDimension.STATUS, BreakdownDimension.CLIENT_ADDRESS):
+            rows = await queries.breakdown(rng, orders, by, 20, earlier)
+            assert [row.model_copy(update={"compare_requests": None, "compare_share": None})
+                    for row in rows] == await queries.breakdown(rng, orders, by, 20)
+            before = {row.value: row for row in await queries.breakdown(earlier, orders, by)}
+            assert [(row.compare_requests, row.compare_share) for row in rows] == [
+                (before[row.value].requests, before[row.value].share) if row.value in before
+                else (0, 0.0) for row in rows]
+        clients = await queries.top_clients(rng, orders, 20, earlier)
+        assert [row.model_copy(update={"compare_requests": None, "compare_share": None})
+                for row in clients] == await queries.top_clients(rng, orders, 20)
+        before_clients = {row.client: row for row in await queries.top_clients(earlier, orders)}
+        assert [(row.compare_requests, row.compare_share) for row in clients] == [
+            (before_clients[row.client].requests, before_clients[row.client].share)
+            if row.client in before_clients else (0, 0.0) for row in clients]
+    overlapping = await queries.timeseries(rng, orders, Compare.DAY)
+    # yesterday's 150 requests in the range and in its day-earlier window; today's in the range
+    assert sum(point.requests for point in overlapping.compare_points) == 150
+    assert sum(point.requests for point in overlapping.points) == 300
+    day = {row.client: row for row in await queries.top_clients(
+        rng, orders, 20, Compare.DAY.shift(rng))}
+    assert (day["client-a"].requests, day["client-a"].compare_requests) == (200, 100)
 
 
 async def test_anomaly_status_and_dismissal(live: Live) -> None:
