@@ -282,6 +282,9 @@ class _Breakdown:
     table: str
     range: tuple[str, ...]
     summed: str | None = None  # the column holding each row's requests; None: a row each
+    # an hourly rollup of the value (`requests` per hour): whole hours read from it, the
+    # partial hours at the window's ends from `table` (raw events)
+    hourly: str | None = None
 
     def requests_if(self, condition: str) -> str:
         return f"sumIf({self.summed}, {condition})" if self.summed else f"countIf({condition})"
@@ -294,7 +297,8 @@ _BREAKDOWNS: Final = {
                                           _MINUTE_RANGE, "requests"),
     BreakdownDimension.ERROR_TYPE: _Breakdown("error_type", "events_status_1m", _MINUTE_RANGE,
                                               "requests"),
-    BreakdownDimension.CLIENT_ADDRESS: _Breakdown("client_address", "events", _EVENT_RANGE),
+    BreakdownDimension.CLIENT_ADDRESS: _Breakdown("client_address", "events", _EVENT_RANGE,
+                                                  hourly="events_address_1h"),
     BreakdownDimension.USER_AGENT: _Breakdown("user_agent_original", "events", _EVENT_RANGE),
     BreakdownDimension.TENANT: _Breakdown("tenant", "events", _EVENT_RANGE),
 }
@@ -320,6 +324,27 @@ def _windows(clauses: tuple[str, ...], rng: TimeRange, earlier: TimeRange | None
         return _window(clauses), _NO_WINDOW, params
     params.update({_EARLIER + name: value for name, value in earlier.params().items()})
     return _window(clauses), _window(clauses, _EARLIER), params
+
+
+_HOURS: Final = ("hour >= toDateTime({hours_from_s:UInt32}, 'UTC')",
+                  "hour < toDateTime({hours_to_s:UInt32}, 'UTC')")
+_EDGES: Final = ("(timestamp >= fromUnixTimestamp64Milli({start_ms:Int64}, 'UTC') AND "
+                 "timestamp < fromUnixTimestamp64Milli({hours_from_ms:Int64}, 'UTC') OR "
+                 "timestamp >= fromUnixTimestamp64Milli({hours_to_ms:Int64}, 'UTC') AND "
+                 "timestamp < fromUnixTimestamp64Milli({end_ms:Int64}, 'UTC'))",)
+
+
+def _hour_split(rng: TimeRange) -> dict[str, int]:
+    """A range's bound values split into its whole hours [hours_from, hours_to) and the partial
+    hours at its ends; without a whole hour, hours_from = hours_to = the range's end."""
+    params = rng.params()
+    first, last = math.ceil(rng.start / 3600) * 3600, math.floor(rng.end / 3600) * 3600
+    if last <= first:
+        return {**params, "hours_from_s": params["end_s"], "hours_to_s": params["end_s"],
+                "hours_from_ms": params["end_ms"], "hours_to_ms": params["end_ms"]}
+    first, last = max(0, first), max(0, last)
+    return {**params, "hours_from_s": first, "hours_to_s": last,
+            "hours_from_ms": first * 1000, "hours_to_ms": last * 1000}
 
 
 def _compare_fields(row: dict[str, Any], compared: bool) -> dict[str, Any]:
@@ -576,20 +601,48 @@ class Queries:
                         compare: TimeRange | None = None) -> list[BreakdownRow]:
         where, filters = endpoint.clauses()
         spec = _BREAKDOWNS[by]
-        now, then, windows = _windows(spec.range, rng, compare)
-        scan = f"({now} OR {then})" if compare is not None else now
-        rows = await self.rows(
-            "SELECT value, n, total, n_earlier, total_earlier FROM ("
-            f"SELECT {spec.value} AS value, {spec.requests_if(now)} AS n, "
-            f"sum({spec.requests_if(now)}) OVER () AS total, "
-            f"{spec.requests_if(then)} AS n_earlier, "
-            f"sum({spec.requests_if(then)}) OVER () AS total_earlier "
-            f"FROM {spec.table} WHERE {_where([*where, scan])} GROUP BY value) "
-            "WHERE n > 0 ORDER BY n DESC, value LIMIT {limit:UInt32}",
-            {**windows, **filters, "limit": limit})
+        if spec.hourly is not None:
+            rows = await self._hourly_breakdown(spec, spec.hourly, rng, where, filters, limit,
+                                                compare)
+        else:
+            now, then, windows = _windows(spec.range, rng, compare)
+            scan = f"({now} OR {then})" if compare is not None else now
+            rows = await self.rows(
+                "SELECT value, n, total, n_earlier, total_earlier FROM ("
+                f"SELECT {spec.value} AS value, {spec.requests_if(now)} AS n, "
+                f"sum({spec.requests_if(now)}) OVER () AS total, "
+                f"{spec.requests_if(then)} AS n_earlier, "
+                f"sum({spec.requests_if(then)}) OVER () AS total_earlier "
+                f"FROM {spec.table} WHERE {_where([*where, scan])} GROUP BY value) "
+                "WHERE n > 0 ORDER BY n DESC, value LIMIT {limit:UInt32}",
+                {**windows, **filters, "limit": limit})
         return [BreakdownRow(value=str(row["value"]), requests=int(row["n"]),
                              share=_rate(int(row["n"]), int(row["total"])),
                              **_compare_fields(row, compare is not None)) for row in rows]
+
+    async def _hourly_breakdown(self, spec: _Breakdown, hourly: str, rng: TimeRange,
+                                where: list[str], filters: dict[str, str], limit: int,
+                                compare: TimeRange | None) -> list[dict[str, Any]]:
+        """The breakdown's rows from the hourly rollup (whole hours of each window) plus raw
+        events (the partial hours at the windows' ends), in one query."""
+        params: dict[str, Any] = {**_hour_split(rng), **filters, "limit": limit}
+        hours_now, edges_now = _window(_HOURS), _window(_EDGES)
+        hours_then = edges_then = _NO_WINDOW
+        if compare is not None:
+            params.update({_EARLIER + name: value
+                           for name, value in _hour_split(compare).items()})
+            hours_then, edges_then = _window(_HOURS, _EARLIER), _window(_EDGES, _EARLIER)
+        return await self.rows(
+            "SELECT value, n, total, n_earlier, total_earlier FROM (SELECT value, "
+            "sum(n_now) AS n, sum(sum(n_now)) OVER () AS total, sum(n_then) AS n_earlier, "
+            "sum(sum(n_then)) OVER () AS total_earlier FROM ("
+            f"SELECT {spec.value} AS value, sumIf(requests, {hours_now}) AS n_now, "
+            f"sumIf(requests, {hours_then}) AS n_then FROM {hourly} "
+            f"WHERE {_where([*where, f'({hours_now} OR {hours_then})'])} GROUP BY value "
+            f"UNION ALL SELECT {spec.value} AS value, {spec.requests_if(edges_now)} AS n_now, "
+            f"{spec.requests_if(edges_then)} AS n_then FROM {spec.table} "
+            f"WHERE {_where([*where, f'({edges_now} OR {edges_then})'])} GROUP BY value) "
+            "GROUP BY value) WHERE n > 0 ORDER BY n DESC, value LIMIT {limit:UInt32}", params)
 
     async def client_windows(self, rng: TimeRange, route_id: str, method: str | None,
                              client: str, step_s: int) -> list[int]:

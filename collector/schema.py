@@ -35,9 +35,11 @@ MigrationStep = str | Callable[[Client], None]
 Migration = tuple[int, str, list[MigrationStep]]
 
 DEDUPLICATION_WINDOW: Final = 10_000  # insert blocks remembered per table
-ROLLUP_TABLES: Final = ("events_1m", "events_client_1m", "events_status_1m")
+ROLLUP_TABLES: Final = ("events_1m", "events_client_1m", "events_status_1m",
+                        "events_address_1h")
 RETENTION_TABLES: Final = {"events": "toDateTime(timestamp)", "events_1m": "minute",
                            "events_client_1m": "minute", "events_status_1m": "minute",
+                           "events_address_1h": "hour",
                            "event_seq_blocks": "inserted_at",
                            "event_loss": "toDateTime(detected_at)"}
 
@@ -354,6 +356,50 @@ def _backfill_status_rollup(client: Client) -> None:
     client.command(f"INSERT INTO events_status_1m {_STATUS_ROLLUP_SELECT}")
 
 
+# Migration 8: requests per hour, endpoint and client address, for the top-IPs breakdown over
+# long ranges (whole hours from here, the partial hours at either end from raw events). A
+# minute rollup would not shrink it (a busy endpoint-minute has about as many addresses as
+# requests); an hour does, ~25x on the dashboard bench's traffic (83k requests from ~3,300
+# addresses per endpoint-hour): top IPs over 24 h of 10 M events ~57 -> ~10 ms. Backfilled like
+# migration 7.
+_EVENTS_ADDRESS_1H = f"""
+CREATE TABLE IF NOT EXISTS events_address_1h
+(
+    hour DateTime('UTC'),
+    route_id LowCardinality(String),
+    http_request_method LowCardinality(String),
+    http_route LowCardinality(String),
+    client_address String,
+    requests SimpleAggregateFunction(sum, UInt64)
+)
+ENGINE = AggregatingMergeTree
+PARTITION BY toDate(hour)
+ORDER BY (route_id, http_request_method, http_route, hour, client_address)
+TTL hour + INTERVAL 30 DAY
+SETTINGS non_replicated_deduplication_window = {DEDUPLICATION_WINDOW}, ttl_only_drop_parts = 1
+"""
+
+_ADDRESS_ROLLUP_SELECT = """
+SELECT
+    toStartOfHour(timestamp) AS hour,
+    route_id,
+    http_request_method,
+    http_route,
+    client_address,
+    count() AS requests
+FROM events
+GROUP BY hour, route_id, http_request_method, http_route, client_address
+"""
+
+_EVENTS_ADDRESS_1H_MV = ("CREATE MATERIALIZED VIEW IF NOT EXISTS events_address_1h_mv "
+                         f"TO events_address_1h AS {_ADDRESS_ROLLUP_SELECT}")
+
+
+def _backfill_address_rollup(client: Client) -> None:
+    client.command("TRUNCATE TABLE IF EXISTS events_address_1h")
+    client.command(f"INSERT INTO events_address_1h {_ADDRESS_ROLLUP_SELECT}")
+
+
 _SCHEMA_MIGRATIONS = """
 CREATE TABLE IF NOT EXISTS schema_migrations
 (
@@ -376,6 +422,8 @@ MIGRATIONS: Final[list[Migration]] = [
                                   _EVENT_SEQ_BLOCKS_MV, _EVENT_LOSS]),
     (7, "status_rollup_1m", [_EVENTS_STATUS_1M, _backfill_status_rollup,
                              _EVENTS_STATUS_1M_MV]),
+    (8, "address_rollup_1h", [_EVENTS_ADDRESS_1H, _backfill_address_rollup,
+                              _EVENTS_ADDRESS_1H_MV]),
 ]
 
 

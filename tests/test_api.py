@@ -873,6 +873,44 @@ async def test_a_compared_read_equals_both_windows_read_alone(ch: SharedClient,
     assert (day["client-a"].requests, day["client-a"].compare_requests) == (200, 100)
 
 
+async def test_top_ips_from_the_hourly_rollup_and_raw_edges_equal_raw_events(
+        ch: SharedClient, now: float) -> None:
+    """Top IPs read whole hours from events_address_1h and the partial hours at each end from
+    raw events: for ranges with and without whole hours, aligned or not, and compared with the
+    window before, the counts are exactly those of raw events."""
+    first_hour = int(now // 3600) * 3600 - 3 * 3600
+    template = seed_events(now)[0]
+    insert_events(ch, [replace(template, timestamp=first_hour + 10.5 + 30 * k,
+                               request_id=f"ip-{k}", client_address=f"10.0.{k % 7}.{k % 3}")
+                       for k in range(3 * 120 + 40)])
+    queries, orders = Queries(ch), EndpointFilter("orders", "GET", "/orders/{id}")
+
+    def raw(rng: TimeRange) -> dict[str, int]:
+        with ch.lock:
+            rows = ch.client.query(
+                "SELECT client_address, count() FROM events WHERE route_id = 'orders' AND "
+                "timestamp >= fromUnixTimestamp64Milli({start:Int64}, 'UTC') AND "
+                "timestamp < fromUnixTimestamp64Milli({end:Int64}, 'UTC') "
+                "GROUP BY client_address", parameters={"start": rng.params()["start_ms"],
+                                                       "end": rng.params()["end_ms"]})
+        return {str(address): int(n) for address, n in rows.result_rows}
+
+    ranges = [TimeRange(first_hour + 123.4, first_hour + 2 * 3600 + 17 * 60),  # edges + hours
+              TimeRange(first_hour, first_hour + 3 * 3600),  # whole hours only
+              TimeRange(first_hour + 3600 + 60, first_hour + 3600 + 1260.7),  # inside an hour
+              TimeRange(first_hour + 1800, now)]  # up to now, today's seed traffic included
+    for rng in ranges:
+        earlier = Compare.PREV.shift(rng)
+        expected, before = raw(rng), raw(earlier)
+        assert sum(expected.values()) > 0
+        rows = await queries.breakdown(rng, orders, BreakdownDimension.CLIENT_ADDRESS, 1000,
+                                       earlier)
+        assert {row.value: row.requests for row in rows} == expected, rng
+        assert [row.compare_requests for row in rows] == [before.get(row.value, 0)
+                                                          for row in rows], rng
+        assert [row.value for row in rows] == sorted(expected, key=lambda v: (-expected[v], v))
+
+
 async def test_anomaly_status_and_dismissal(live: Live) -> None:
     [anomaly] = (await live.ok("GET", "/api/v1/anomalies?status=open"))["anomalies"]
     assert (anomaly["id"], anomaly["status"]) == (ANOMALY_ID, "open")

@@ -89,6 +89,7 @@ def assert_counts(ch: SharedClient, n: int) -> None:
     assert scalar(ch, "SELECT sum(requests) FROM events_1m") == n
     assert scalar(ch, "SELECT sum(requests) FROM events_client_1m") == n
     assert scalar(ch, "SELECT sum(requests) FROM events_status_1m") == n
+    assert scalar(ch, "SELECT sum(requests) FROM events_address_1h") == n
 
 
 async def pending(redis: aioredis.Redis, group: str = "collector") -> int:

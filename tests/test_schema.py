@@ -14,6 +14,7 @@ from collector.clickhouse import make_client
 from collector.schema import (
     DURATION_QUANTILES,
     MIGRATIONS,
+    ROLLUP_TABLES,
     apply_retention,
     migrate,
     retention_days,
@@ -79,7 +80,7 @@ def test_events_table_layout(client: Client) -> None:
 
 def test_rollup_tables(client: Client) -> None:
     migrate(client)
-    for table in ("events_1m", "events_client_1m", "events_status_1m"):
+    for table in ROLLUP_TABLES:
         setting = client.query("SELECT engine, engine_full FROM system.tables WHERE name = "
                                "{t:String} AND database = currentDatabase()",
                                parameters={"t": table}).result_rows[0]
@@ -98,6 +99,9 @@ def test_rollup_tables(client: Client) -> None:
     per_client = dict(_columns(client, "events_client_1m"))
     assert per_client["client"] == "String"
     assert per_client["paths"] == "AggregateFunction(uniq, String)"
+    per_address = dict(_columns(client, "events_address_1h"))
+    assert per_address["hour"] == "DateTime('UTC')"
+    assert per_address["requests"] == "SimpleAggregateFunction(sum, UInt64)"
 
 
 def test_anomalies_mirror_the_model(client: Client) -> None:
@@ -115,7 +119,8 @@ def test_retention_is_applied_from_settings(client: Client) -> None:
     assert retention_days(client, "events") == 30
     assert apply_retention(client, 30) == []
     assert apply_retention(client, 7) == ["events", "events_1m", "events_client_1m",
-                                          "events_status_1m", "event_seq_blocks", "event_loss"]
+                                          "events_status_1m", "events_address_1h",
+                                          "event_seq_blocks", "event_loss"]
     assert apply_retention(client, 7) == []
     assert retention_days(client, "events_client_1m") == 7
 
@@ -152,7 +157,7 @@ def test_latency_tdigest_is_accurate_and_old_rows_stay_readable(client: Client) 
     second = first + 60
     _insert(client, first, before)
     assert migrate(client) == ["rollup_latency_tdigest", "reload_events_1m_mv",
-                               "event_loss_accounting", "status_rollup_1m"]
+                               "event_loss_accounting", "status_rollup_1m", "address_rollup_1h"]
     [(_, _, statements)] = [m for m in MIGRATIONS if m[0] == 4]
     for statement in statements:  # interrupted and run again: harmless
         client.command(statement)
@@ -191,7 +196,7 @@ def test_status_rollup_backfills_events_from_before_it_once(client: Client) -> N
     minute = int(time.time()) // 60 * 60 - 600
     client.command(_INSERT_STATUSES, parameters={"minute": minute,
                                                  "statuses": [200, 200, 200, 503, 503]})
-    assert migrate(client) == ["status_rollup_1m"]
+    assert migrate(client, [m for m in MIGRATIONS if m[0] <= 7]) == ["status_rollup_1m"]
     assert client.query(_STATUS_COUNTS).result_rows == [(200, "", 3),
                                                         (503, "upstream_status_5xx", 2)]
     [(_, _, steps)] = [m for m in MIGRATIONS if m[0] == 7]
@@ -200,3 +205,32 @@ def test_status_rollup_backfills_events_from_before_it_once(client: Client) -> N
     client.command(_INSERT_STATUSES, parameters={"minute": minute + 60, "statuses": [503, 404]})
     assert client.query(_STATUS_COUNTS).result_rows == [(200, "", 3), (404, "", 1),
                                                         (503, "upstream_status_5xx", 3)]
+
+
+_INSERT_ADDRESSES = (
+    "INSERT INTO events (timestamp, route_id, http_request_method, http_route, client_address) "
+    "SELECT toDateTime64({second:UInt32} + number, 3, 'UTC'), 'r', 'GET', '/r', "
+    "arrayElement({addresses:Array(String)}, number + 1) "
+    "FROM numbers(length({addresses:Array(String)}))")
+_ADDRESS_COUNTS = ("SELECT toUInt32(hour), client_address, sum(requests) FROM events_address_1h "
+                   "GROUP BY hour, client_address ORDER BY hour, client_address")
+
+
+def test_address_rollup_backfills_events_from_before_it_once(client: Client) -> None:
+    """Migration 8 rolls up the events already stored by hour and address, then its view
+    takes the new ones; its steps run again count nothing twice."""
+    migrate(client, [m for m in MIGRATIONS if m[0] < 8])
+    hour = int(time.time()) // 3600 * 3600 - 7200
+    client.command(_INSERT_ADDRESSES, parameters={
+        "second": hour + 3598, "addresses": ["10.0.0.1", "10.0.0.2", "10.0.0.1"]})
+    assert migrate(client) == ["address_rollup_1h"]
+    assert client.query(_ADDRESS_COUNTS).result_rows == [
+        (hour, "10.0.0.1", 1), (hour, "10.0.0.2", 1), (hour + 3600, "10.0.0.1", 1)]
+    [(_, _, steps)] = [m for m in MIGRATIONS if m[0] == 8]
+    for step in steps:
+        client.command(step) if isinstance(step, str) else step(client)
+    client.command(_INSERT_ADDRESSES, parameters={"second": hour + 3600,
+                                                  "addresses": ["10.0.0.1", "10.0.0.3"]})
+    assert client.query(_ADDRESS_COUNTS).result_rows == [
+        (hour, "10.0.0.1", 1), (hour, "10.0.0.2", 1), (hour + 3600, "10.0.0.1", 2),
+        (hour + 3600, "10.0.0.3", 1)]
