@@ -873,15 +873,18 @@ async def test_a_compared_read_equals_both_windows_read_alone(ch: SharedClient,
     assert (day["client-a"].requests, day["client-a"].compare_requests) == (200, 100)
 
 
-async def test_top_ips_from_the_hourly_rollup_and_raw_edges_equal_raw_events(
+async def test_top_ips_and_clients_equal_the_finer_reads(
         ch: SharedClient, now: float) -> None:
     """Top IPs read whole hours from events_address_1h and the partial hours at each end from
     raw events: for ranges with and without whole hours, aligned or not, and compared with the
-    window before, the counts are exactly those of raw events."""
+    window before, the counts are exactly those of raw events; top clients (a range and the
+    window before in one scan) those of the minute rollup read for each window alone."""
     first_hour = int(now // 3600) * 3600 - 3 * 3600
     template = seed_events(now)[0]
     insert_events(ch, [replace(template, timestamp=first_hour + 10.5 + 30 * k,
-                               request_id=f"ip-{k}", client_address=f"10.0.{k % 7}.{k % 3}")
+                               request_id=f"ip-{k}", client_address=f"10.0.{k % 7}.{k % 3}",
+                               client_id=f"client-{k % 5}", url_path=f"/orders/{k % 37}",
+                               http_response_status_code=(200, 404, 429, 503)[k % 4])
                        for k in range(3 * 120 + 40)])
     queries, orders = Queries(ch), EndpointFilter("orders", "GET", "/orders/{id}")
 
@@ -894,6 +897,16 @@ async def test_top_ips_from_the_hourly_rollup_and_raw_edges_equal_raw_events(
                 "GROUP BY client_address", parameters={"start": rng.params()["start_ms"],
                                                        "end": rng.params()["end_ms"]})
         return {str(address): int(n) for address, n in rows.result_rows}
+
+    def per_minute(rng: TimeRange) -> dict[str, tuple[int, ...]]:
+        with ch.lock:
+            rows = ch.client.query(
+                "SELECT client, sum(requests), sum(errors_5xx), sum(errors_4xx), "
+                "sum(rate_limited), uniqMerge(paths) FROM events_client_1m "
+                "WHERE route_id = 'orders' AND minute >= toDateTime({start:UInt32}, 'UTC') "
+                "AND minute < toDateTime({end:UInt32}, 'UTC') GROUP BY client",
+                parameters={"start": rng.params()["start_s"], "end": rng.params()["end_s"]})
+        return {str(row[0]): tuple(int(value) for value in row[1:]) for row in rows.result_rows}
 
     ranges = [TimeRange(first_hour + 123.4, first_hour + 2 * 3600 + 17 * 60),  # edges + hours
               TimeRange(first_hour, first_hour + 3 * 3600),  # whole hours only
@@ -909,6 +922,12 @@ async def test_top_ips_from_the_hourly_rollup_and_raw_edges_equal_raw_events(
         assert [row.compare_requests for row in rows] == [before.get(row.value, 0)
                                                           for row in rows], rng
         assert [row.value for row in rows] == sorted(expected, key=lambda v: (-expected[v], v))
+        clients, clients_before = per_minute(rng), per_minute(earlier)
+        found = await queries.top_clients(rng, orders, 1000, earlier)
+        assert {row.client: (row.requests, row.errors_5xx, row.errors_4xx, row.rate_limited,
+                             row.distinct_paths) for row in found} == clients, rng
+        assert [row.compare_requests for row in found] == [
+            clients_before.get(row.client, (0,))[0] for row in found], rng
 
 
 async def test_anomaly_status_and_dismissal(live: Live) -> None:

@@ -16,6 +16,7 @@ import redis.asyncio as aioredis
 
 from apigw.redis_server import free_port
 from collector.clickhouse import make_client
+from collector.schema import ROLLUP_TABLES
 from tests.faults import FlakyUpstream, stream_caught_up, wait_until
 from tests.processes import ManagedProcess, apigw_command
 
@@ -96,7 +97,7 @@ def _clickhouse_text(dsn: str) -> tuple[str, int]:
         summary = client.query("SELECT http_request_method, url_path, "
                                "http_response_status_code, error_type FROM events").result_rows
         parts.append(repr(summary))
-        for table in ("events", "events_1m", "events_client_1m", "events_status_1m"):
+        for table in ("events", *ROLLUP_TABLES):
             states = client.query(
                 "SELECT name FROM system.columns WHERE database = currentDatabase() AND "
                 "table = {t:String} AND type LIKE 'AggregateFunction%'",
