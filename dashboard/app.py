@@ -23,7 +23,8 @@ from dashboard.navigation import DEFAULT_PAGE, PAGES, VIEWS
 
 
 def main() -> None:
-    st.set_page_config(page_title="apigw", page_icon=":material/shield:", layout="wide")
+    # an emoji favicon is drawn in the page; a :material: one is fetched from fonts.gstatic.com
+    st.set_page_config(page_title="apigw", page_icon="🛡️", layout="wide")
     pages = [st.Page(VIEWS / file, title=title, icon=icon, url_path=path,
                      default=path == DEFAULT_PAGE) for file, title, icon, path in PAGES]
     page = st.navigation(pages)

@@ -84,6 +84,7 @@ _STATE = """JSON.stringify({
 # tells it where that is; unaided it asks `<page>/_stcore/health` first and waits 100 ms)
 _HEALTH_PROBES = """JSON.stringify(performance.getEntriesByType('resource')
   .map(e => e.name).filter(name => name.includes('_stcore/health')))"""
+_RESOURCES = "JSON.stringify(performance.getEntriesByType('resource').map(e => e.name))"
 # a link of the sidebar's page navigation, by its text
 _CLICK_NAV = """[...document.querySelectorAll('[data-testid="stSidebarNavLink"]')]
   .find(a => a.innerText.includes(%s)).click()"""
@@ -139,6 +140,11 @@ async def test_every_page_renders_in_chromium(chromium: str, dashboard_url: str,
             assert len(shot) > 20_000, (name, len(shot))
             probes = set(json.loads(await devtools.evaluate(_HEALTH_PROBES) or "[]"))
             assert probes == {f"{dashboard_url}/_stcore/health"}, (name, probes)
+            # nothing from another host (an offline network, and no third party told who
+            # opened which page): the favicon was fetched from fonts.gstatic.com once
+            elsewhere = [url for url in json.loads(await devtools.evaluate(_RESOURCES) or "[]")
+                         if not url.startswith((f"{dashboard_url}/", "data:"))]
+            assert not elsewhere, (name, elsewhere)
         # from a page opened at its own address, the sidebar still leads to the others
         await devtools.evaluate(_CLICK_NAV % json.dumps("Security review"))
         assert await settle(devtools, "Security review"), "no Security review after its link"
