@@ -1,5 +1,6 @@
 """The dashboard as an ASGI app (`st.App`), what `apigw dashboard` runs: Streamlit's server,
-with each page's address answering Streamlit's own page plus where the server is.
+with each page's address answering Streamlit's own page plus where the server is, and the
+process's `/healthz`, `/readyz` (the control-plane API answers) and `/metrics`.
 
 Opened at a page's address (`/investigate?...`: every deep link, bookmark and reload of a page
 other than the overview), Streamlit's front end cannot tell whether `/investigate` is the
@@ -15,6 +16,8 @@ its scripts run makes it ask the right place first. Any other address is Streaml
 
 from __future__ import annotations
 
+import asyncio
+import os
 import sys
 from pathlib import Path
 from typing import Final
@@ -23,11 +26,13 @@ if __package__ in (None, ""):  # imported by streamlit as a top-level module
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import streamlit as st
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, Response
+from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 from streamlit import config
 
+from dashboard.client import DEFAULT_URL, ApiClient
 from dashboard.navigation import DEFAULT_PAGE, PAGES
 
 APP: Final = Path(__file__).resolve().parent / "app.py"
@@ -36,6 +41,7 @@ STREAMLIT_PAGE: Final = Path(st.__file__).resolve().parent / "static" / "index.h
 BASE_SCRIPT: Final = ("<script>window.__streamlit = Object.assign({}, window.__streamlit, "
                       '{BACKEND_BASE_URL: new URL(".", window.location.href).href});</script>')
 _HEAD: Final = "<head>"
+READY_TIMEOUT_S: Final = 2.0  # how long /readyz waits for the API's /healthz
 
 
 def page_html(streamlit_page: str) -> str | None:
@@ -63,6 +69,32 @@ def page_routes(base_url_path: str, html: str | None) -> list[Route]:
             for _, _, _, path in PAGES if path != DEFAULT_PAGE]
 
 
+async def healthz(request: Request) -> Response:
+    return JSONResponse({"status": "ok"})
+
+
+async def readyz(request: Request) -> Response:
+    """Ready when the control-plane API (APIGW_API_URL) answers its /healthz: every page reads
+    it and nothing else."""
+    api = ApiClient(os.environ.get("APIGW_API_URL", DEFAULT_URL).rstrip("/"),
+                    timeout_s=READY_TIMEOUT_S)
+    ready = await asyncio.to_thread(api.health)
+    return JSONResponse({"status": "ok" if ready else "unavailable",
+                         "checks": {"api": "ok" if ready else f"unreachable: {api.base_url}"}},
+                        status_code=200 if ready else 503)
+
+
+async def metrics(request: Request) -> Response:
+    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+
+def process_routes(base_url_path: str) -> list[Route]:
+    prefix = "/" + base_url_path.strip("/") if base_url_path.strip("/") else ""
+    return [Route(f"{prefix}/healthz", healthz, methods=["GET"]),
+            Route(f"{prefix}/readyz", readyz, methods=["GET"]),
+            Route(f"{prefix}/metrics", metrics, methods=["GET"])]
+
+
 def _streamlit_page() -> str | None:
     try:
         return STREAMLIT_PAGE.read_text(encoding="utf-8")
@@ -71,5 +103,7 @@ def _streamlit_page() -> str | None:
 
 
 page_source = _streamlit_page()
-app = st.App(APP, routes=page_routes(str(config.get_option("server.baseUrlPath")),
-                                     None if page_source is None else page_html(page_source)))
+base_url_path = str(config.get_option("server.baseUrlPath"))
+app = st.App(APP, routes=[
+    *process_routes(base_url_path),
+    *page_routes(base_url_path, None if page_source is None else page_html(page_source))])

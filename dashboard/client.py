@@ -14,6 +14,8 @@ import urllib.request
 from dataclasses import dataclass
 from typing import Any, Final
 
+from dashboard.metrics import API_CALL_SECONDS, API_CALLS
+
 DEFAULT_URL: Final = "http://127.0.0.1:8088"
 PREFIX: Final = "/api/v1"
 
@@ -62,16 +64,23 @@ class ApiClient:
             headers["Authorization"] = f"Bearer {self.token}"
         request = urllib.request.Request(url, data=data, method=method,  # noqa: S310 - http(s) only
                                          headers=headers)
-        try:
-            with urllib.request.urlopen(request, timeout=self.timeout_s) as response:  # noqa: S310
-                return json.loads(response.read() or b"null")
-        except urllib.error.HTTPError as exc:
-            raise _problem(exc) from None
-        except (urllib.error.URLError, OSError, TimeoutError) as exc:
-            reason = getattr(exc, "reason", exc)
-            raise ApiUnavailable(f"{self.base_url} unreachable: {reason}") from None
-        except ValueError as exc:
-            raise ApiError(502, "Unreadable answer", str(exc)) from None
+        outcome = "ok"
+        with API_CALL_SECONDS.labels(method).time():
+            try:
+                with urllib.request.urlopen(request, timeout=self.timeout_s) as response:  # noqa: S310
+                    return json.loads(response.read() or b"null")
+            except urllib.error.HTTPError as exc:
+                outcome = "client_error" if exc.code < 500 else "server_error"
+                raise _problem(exc) from None
+            except (urllib.error.URLError, OSError, TimeoutError) as exc:
+                outcome = "unavailable"
+                reason = getattr(exc, "reason", exc)
+                raise ApiUnavailable(f"{self.base_url} unreachable: {reason}") from None
+            except ValueError as exc:
+                outcome = "server_error"
+                raise ApiError(502, "Unreadable answer", str(exc)) from None
+            finally:
+                API_CALLS.labels(method, outcome).inc()
 
     # -- reads ---------------------------------------------------------------------------------
     # `span` is {"minutes": m} or {"from": epoch, "to": epoch} (see dashboard.common.Span).
