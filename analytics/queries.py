@@ -291,7 +291,8 @@ class _Breakdown:
 
 
 # Status codes and error classes come from their minute rollup (whole minutes of the range);
-# the other dimensions have too many distinct values to roll up, so from raw events.
+# client addresses from their hourly rollup plus raw events at the range's ends (a minute
+# rollup would not shrink them); user agents and tenants from raw events.
 _BREAKDOWNS: Final = {
     BreakdownDimension.STATUS: _Breakdown("toString(status)", "events_status_1m",
                                           _MINUTE_RANGE, "requests"),
@@ -327,11 +328,16 @@ def _windows(clauses: tuple[str, ...], rng: TimeRange, earlier: TimeRange | None
 
 
 _HOURS: Final = ("hour >= toDateTime({hours_from_s:UInt32}, 'UTC')",
-                  "hour < toDateTime({hours_to_s:UInt32}, 'UTC')")
+                 "hour < toDateTime({hours_to_s:UInt32}, 'UTC')")
 _EDGES: Final = ("(timestamp >= fromUnixTimestamp64Milli({start_ms:Int64}, 'UTC') AND "
                  "timestamp < fromUnixTimestamp64Milli({hours_from_ms:Int64}, 'UTC') OR "
                  "timestamp >= fromUnixTimestamp64Milli({hours_to_ms:Int64}, 'UTC') AND "
                  "timestamp < fromUnixTimestamp64Milli({end_ms:Int64}, 'UTC'))",)
+
+
+def _either(now: str, then: str) -> str:
+    """What to scan: the range, or it and the earlier window."""
+    return now if then == _NO_WINDOW else f"({now} OR {then})"
 
 
 def _hour_split(rng: TimeRange) -> dict[str, int]:
@@ -531,7 +537,8 @@ class Queries:
                          compare: Compare | None = None) -> Series:
         step = resolution(rng.duration_s)
         offset = compare.offset_s(rng, step) if compare is not None else 0
-        earlier = TimeRange(rng.start - offset, rng.end - offset) if compare else None
+        earlier = (TimeRange(rng.start - offset, rng.end - offset) if compare is not None
+                   else None)
         points, compare_points = await self._points(rng, endpoint, step, earlier, offset)
         series = Series(start=rng.start, end=rng.end, step_s=step, points=points)
         if compare is not None:
@@ -555,7 +562,7 @@ class Queries:
             "sum(rate_limited) AS rl, sum(auth_failures) AS af, "
             f"{DURATION_QUANTILES} AS q FROM events_1m "
             f"ARRAY JOIN arrayFilter(w -> (w = 0 AND {now}) OR (w = 1 AND {then}), [0, 1]) "
-            f"AS win WHERE {_where([*where, f'({now} OR {then})'])} "
+            f"AS win WHERE {_where([*where, _either(now, then)])} "
             "GROUP BY win, bucket ORDER BY win, bucket",
             {**windows, **filters, "step": step, "offset": offset})
         found = {(int(row["win"]), int(row["bucket"])): row for row in rows}
@@ -569,7 +576,7 @@ class Queries:
                           limit: int = 20, compare: TimeRange | None = None) -> list[ClientRow]:
         where, filters = endpoint.clauses()
         now, then, windows = _windows(_MINUTE_RANGE, rng, compare)
-        scan = f"({now} OR {then})" if compare is not None else now
+        scan = _either(now, then)
         rows = await self.rows(
             "SELECT client, n, e5, e4, rl, af, total, n_earlier, total_earlier FROM ("
             f"SELECT client, sumIf(requests, {now}) AS n, sumIf(errors_5xx, {now}) AS e5, "
@@ -606,7 +613,7 @@ class Queries:
                                                 compare)
         else:
             now, then, windows = _windows(spec.range, rng, compare)
-            scan = f"({now} OR {then})" if compare is not None else now
+            scan = _either(now, then)
             rows = await self.rows(
                 "SELECT value, n, total, n_earlier, total_earlier FROM ("
                 f"SELECT {spec.value} AS value, {spec.requests_if(now)} AS n, "
@@ -638,10 +645,10 @@ class Queries:
             "sum(sum(n_then)) OVER () AS total_earlier FROM ("
             f"SELECT {spec.value} AS value, sumIf(requests, {hours_now}) AS n_now, "
             f"sumIf(requests, {hours_then}) AS n_then FROM {hourly} "
-            f"WHERE {_where([*where, f'({hours_now} OR {hours_then})'])} GROUP BY value "
+            f"WHERE {_where([*where, _either(hours_now, hours_then)])} GROUP BY value "
             f"UNION ALL SELECT {spec.value} AS value, {spec.requests_if(edges_now)} AS n_now, "
             f"{spec.requests_if(edges_then)} AS n_then FROM {spec.table} "
-            f"WHERE {_where([*where, f'({edges_now} OR {edges_then})'])} GROUP BY value) "
+            f"WHERE {_where([*where, _either(edges_now, edges_then)])} GROUP BY value) "
             "GROUP BY value) WHERE n > 0 ORDER BY n DESC, value LIMIT {limit:UInt32}", params)
 
     async def client_windows(self, rng: TimeRange, route_id: str, method: str | None,

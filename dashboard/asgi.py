@@ -17,8 +17,8 @@ its scripts run makes it ask the right place first. Any other address is Streaml
 from __future__ import annotations
 
 import asyncio
-import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Final
 
@@ -32,7 +32,7 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 from streamlit import config
 
-from dashboard.client import DEFAULT_URL, ApiClient
+from dashboard.client import ApiClient
 from dashboard.navigation import DEFAULT_PAGE, PAGES
 
 APP: Final = Path(__file__).resolve().parent / "app.py"
@@ -54,12 +54,17 @@ def page_html(streamlit_page: str) -> str | None:
     return streamlit_page[:at] + BASE_SCRIPT + streamlit_page[at:]
 
 
+def _prefix(base_url_path: str) -> str:
+    """Streamlit's `server.baseUrlPath` as a path prefix ("" at the root)."""
+    return "/" + base_url_path.strip("/") if base_url_path.strip("/") else ""
+
+
 def page_routes(base_url_path: str, html: str | None) -> list[Route]:
     """A route per page other than the default one (served at the base path itself, where the
     front end probes nothing)."""
     if html is None:
         return []
-    prefix = "/" + base_url_path.strip("/") if base_url_path.strip("/") else ""
+    prefix = _prefix(base_url_path)
 
     async def page(request: Request) -> Response:
         # as Streamlit serves its page: never cached, the assets it names are
@@ -76,8 +81,7 @@ async def healthz(request: Request) -> Response:
 async def readyz(request: Request) -> Response:
     """Ready when the control-plane API (APIGW_API_URL) answers its /healthz: every page reads
     it and nothing else."""
-    api = ApiClient(os.environ.get("APIGW_API_URL", DEFAULT_URL).rstrip("/"),
-                    timeout_s=READY_TIMEOUT_S)
+    api = replace(ApiClient.from_env(), timeout_s=READY_TIMEOUT_S)
     ready = await asyncio.to_thread(api.health)
     return JSONResponse({"status": "ok" if ready else "unavailable",
                          "checks": {"api": "ok" if ready else f"unreachable: {api.base_url}"}},
@@ -89,7 +93,7 @@ async def metrics(request: Request) -> Response:
 
 
 def process_routes(base_url_path: str) -> list[Route]:
-    prefix = "/" + base_url_path.strip("/") if base_url_path.strip("/") else ""
+    prefix = _prefix(base_url_path)
     return [Route(f"{prefix}/healthz", healthz, methods=["GET"]),
             Route(f"{prefix}/readyz", readyz, methods=["GET"]),
             Route(f"{prefix}/metrics", metrics, methods=["GET"])]
