@@ -1,7 +1,7 @@
 """Dashboard page load in a real browser: navigation -> the page's main content rendered with
 Streamlit idle, on a control plane whose embedded ClickHouse holds 10 million events.
 
-    .venv/bin/python bench/dashboard_pageload.py                      # 10 M events, ~7 minutes
+    .venv/bin/python bench/dashboard_pageload.py                      # 10 M events, ~9 minutes
     .venv/bin/python bench/dashboard_pageload.py --events 1000000 --rounds 3 --minutes 60
 
 What it does (all on free loopback ports, in a temp dir, every process stopped by its pid):
