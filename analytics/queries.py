@@ -311,6 +311,11 @@ _EARLIER: Final = "earlier_"
 _NO_WINDOW: Final = "0"
 
 
+def _earlier(values: dict[str, int]) -> dict[str, int]:
+    """An earlier window's bound values, named for `_window(..., _EARLIER)`."""
+    return {_EARLIER + name: value for name, value in values.items()}
+
+
 def _window(clauses: tuple[str, ...], prefix: str = "") -> str:
     """A range's clauses as one condition, its parameters' names prefixed."""
     return "(" + " AND ".join(clause.replace("{", "{" + prefix) for clause in clauses) + ")"
@@ -323,7 +328,7 @@ def _windows(clauses: tuple[str, ...], rng: TimeRange, earlier: TimeRange | None
     params: dict[str, Any] = dict(rng.params())
     if earlier is None:
         return _window(clauses), _NO_WINDOW, params
-    params.update({_EARLIER + name: value for name, value in earlier.params().items()})
+    params.update(_earlier(earlier.params()))
     return _window(clauses), _window(clauses, _EARLIER), params
 
 
@@ -636,8 +641,7 @@ class Queries:
         hours_now, edges_now = _window(_HOURS), _window(_EDGES)
         hours_then = edges_then = _NO_WINDOW
         if compare is not None:
-            params.update({_EARLIER + name: value
-                           for name, value in _hour_split(compare).items()})
+            params.update(_earlier(_hour_split(compare)))
             hours_then, edges_then = _window(_HOURS, _EARLIER), _window(_EDGES, _EARLIER)
         return await self.rows(
             "SELECT value, n, total, n_earlier, total_earlier FROM (SELECT value, "
