@@ -23,6 +23,7 @@ import redis.asyncio as aioredis
 from analytics.job import AnalyticsJob
 from analytics.settings import AnalyticsSettings
 from apigw.redis_server import RedisServer
+from apigw.signals import interrupt_on_termination
 from collector.clickhouse import SharedClient
 from collector.schema import migrate
 from proxy.policy import RedisKeys
@@ -106,6 +107,7 @@ async def main(endpoints: int, days: float) -> None:
 
 
 if __name__ == "__main__":
+    interrupt_on_termination()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--endpoints", type=int, default=200)
     parser.add_argument("--days", type=float, default=7.0)

@@ -72,6 +72,7 @@ from apigw.devtools import (  # noqa: E402
     install_chromium,
 )
 from apigw.redis_server import RedisServer, free_port  # noqa: E402
+from apigw.signals import interrupt_on_termination  # noqa: E402
 from dashboard.client import ApiClient  # noqa: E402
 from dashboard.common import READ_TTL_S  # noqa: E402
 
@@ -364,6 +365,7 @@ def seed_actions(api: ApiClient) -> None:
 
 
 def main() -> int:
+    interrupt_on_termination()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--events", type=int, default=10_000_000)
     parser.add_argument("--minutes", default="60,1440",

@@ -44,6 +44,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from pipeline import _GENERATE, process, table, wait_http  # noqa: E402
 
 from apigw.redis_server import RedisServer, free_port  # noqa: E402
+from apigw.signals import interrupt_on_termination  # noqa: E402
 from dashboard.client import ApiClient  # noqa: E402
 
 SPAN_S = 24 * 3600
@@ -160,6 +161,7 @@ def wait_first_run(api: ApiClient, timeout_s: float) -> float:
 
 
 def main() -> int:
+    interrupt_on_termination()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--events", type=int, default=10_000_000)
     parser.add_argument("--minutes", default="60,1440",

@@ -33,7 +33,6 @@ import os
 import platform
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -51,6 +50,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from apigw.redis_server import RedisServer, free_port, terminate  # noqa: E402
+from apigw.signals import interrupt_on_termination  # noqa: E402
 
 BENCH = ROOT / "bench"
 RESULTS = BENCH / "results"
@@ -748,12 +748,7 @@ def print_ratios(found: dict[int, dict[str, Any]]) -> None:
 def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="apigw-bench-"))
     bench = Bench(tmp)
-
-    def interrupted(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    signal.signal(signal.SIGTERM, interrupted)
-    signal.signal(signal.SIGHUP, interrupted)
+    interrupt_on_termination()
     started = time.monotonic()
     try:
         print(f"bench: starting (temp dir {tmp})", flush=True)

@@ -49,6 +49,7 @@ import redis as sync_redis  # noqa: E402
 import redis.asyncio as aioredis  # noqa: E402
 
 from apigw.redis_server import RedisServer, free_port  # noqa: E402
+from apigw.signals import interrupt_on_termination  # noqa: E402
 from proxy.event import (  # noqa: E402
     EVENT_FIELDS,
     ROW_COLUMNS,
@@ -572,6 +573,7 @@ def bench_query(tmp: Path, n: int) -> None:
 # -- main ---------------------------------------------------------------------------------------
 
 def main() -> int:
+    interrupt_on_termination()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", default="decode,ingest,emitter,proxy,query",
                         help="comma-separated sections")

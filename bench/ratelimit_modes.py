@@ -20,6 +20,7 @@ from pathlib import Path
 import redis.asyncio as aioredis
 
 from apigw.redis_server import RedisServer
+from apigw.signals import interrupt_on_termination
 from proxy.config import RateLimit
 from proxy.policy import Algorithm, Policy, RedisKeys
 from proxy.ratelimit_step import build_limiter
@@ -84,6 +85,7 @@ async def run(requests: int, workers: int, limit: int) -> None:
 
 
 def main() -> None:
+    interrupt_on_termination()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=20_000)
     parser.add_argument("--workers", type=int, default=4)
