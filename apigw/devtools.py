@@ -65,9 +65,10 @@ class DevTools:
     """The few DevTools calls the dashboard's test and benchmark need, over the page's
     websocket. Events arriving while a call waits for its answer are dropped."""
 
-    def __init__(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+    def __init__(self, ws: aiohttp.ClientWebSocketResponse, pid: int = 0) -> None:
         self.ws = ws
         self.next_id = 0
+        self.pid = pid  # the browser's, which leads its process group
 
     async def call(self, method: str, **params: Any) -> dict[str, Any]:
         self.next_id += 1
@@ -99,7 +100,7 @@ async def browser(chromium: str, profile: Path) -> AsyncIterator[DevTools]:
         async with aiohttp.ClientSession() as session:
             page = await _page_target(session, port, process)
             async with session.ws_connect(page, max_msg_size=0) as ws:
-                devtools = DevTools(ws)
+                devtools = DevTools(ws, process.pid)
                 await devtools.call("Page.enable")
                 yield devtools
     finally:

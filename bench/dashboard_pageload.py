@@ -36,6 +36,11 @@ return visit and a switch read the API (the dashboard's read cache has expired s
 page's last load); a warm reload, a second or two later, is served from that cache and makes
 no API call.
 
+A second table charges each load's CPU time to the browser (Chromium's process group), the
+dashboard and the API (each process group's utime + stime from /proc, from navigation to
+ready): the work a change saves shows there even when the wall time it saves is lost in
+the noise of a shared machine, and it says which side a page's time is spent on.
+
 Other processes share the CPUs: compare rows of one run; the header prints the load average.
 """
 
@@ -82,6 +87,8 @@ SERVER_CPU, BROWSER_CPU = 1, 0  # --split-cpus
 LOAD_TIMEOUT_S = 20.0
 POLL_S = 0.05
 KINDS = ("first", "return", "warm", "switch")
+SIDES = ("browser", "dashboard", "api")  # whose CPU time a load is charged
+_TICKS_PER_S = os.sysconf("SC_CLK_TCK")
 DATAFRAME = '[data-testid="stDataFrame"] canvas'
 CHART = '[data-testid="stVegaLiteChart"] canvas, [data-testid="stVegaLiteChart"] svg.marks'
 METRIC = '[data-testid="stMetric"]'
@@ -165,6 +172,7 @@ class Load:
     api_ms: float = 0.0
     api_calls: int = 0
     error: str = ""
+    cpu_ms: dict[str, float] = field(default_factory=dict)  # per side (SIDES)
 
 
 def load_phases(loads: list[Load]) -> dict[str, float | None]:
@@ -178,6 +186,8 @@ def load_phases(loads: list[Load]) -> dict[str, float | None]:
         "api_calls": _median([float(ld.api_calls) for ld in loads]),
         "render_ms": _median([ld.marks["ready"] - ld.marks["finished"] for ld in loads
                               if {"ready", "finished"} <= ld.marks.keys()]),
+        **{f"cpu_{side}_ms": _median([ld.cpu_ms[side] for ld in loads if side in ld.cpu_ms])
+           for side in SIDES},
     }
 
 
@@ -205,10 +215,31 @@ _CLICK_NAV = """(() => {
 })()"""
 
 
+def group_cpu_s(groups: dict[str, int]) -> dict[str, float]:
+    """CPU seconds used so far by the live processes of each process group (name -> pgid):
+    every process the load made work, whichever CPU it ran on; not the wall time the noisy
+    neighbours of a shared machine put into it."""
+    used = dict.fromkeys(groups, 0.0)
+    name_of = {pgid: name for name, pgid in groups.items()}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = Path(entry.path, "stat").read_text()
+        except OSError:  # gone since the listing
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()  # from field 3 (state) on
+        name = name_of.get(int(fields[2]))  # field 5, pgrp
+        if name is not None:  # fields 14 and 15, utime and stime
+            used[name] += (int(fields[11]) + int(fields[12])) / _TICKS_PER_S
+    return used
+
+
 async def load(devtools: DevTools, url: str, api_url: str, reload: bool, clear: bool,
-               page: Page, switch: bool = False
-               ) -> tuple[float | None, dict[str, Any], float, int]:
+               page: Page, groups: dict[str, int], switch: bool = False
+               ) -> tuple[float | None, dict[str, Any], float, int, dict[str, float]]:
     before = await asyncio.to_thread(api_histogram, api_url)
+    cpu_before = group_cpu_s(groups)
     if switch:
         want = json.dumps({"title": page.title, "expect": page.expect})
         await devtools.evaluate(_CLICK_NAV % (want, json.dumps(page.title)))
@@ -233,20 +264,25 @@ async def load(devtools: DevTools, url: str, api_url: str, reload: bool, clear: 
         marks["timeout"] = LOAD_TIMEOUT_S * 1000
         marks["found"] = {css: await devtools.evaluate(
             f"document.querySelectorAll({json.dumps(css)}).length") for css, _ in page.expect}
+    cpu_after = group_cpu_s(groups)
     after = await asyncio.to_thread(api_histogram, api_url)
     ready = marks.get("ready")
     if switch and ready is not None:  # from the click, not from the document's start
         marks = {name: value - marks["t0"] if isinstance(value, float | int) else value
                  for name, value in marks.items()}
         ready = marks["ready"]
-    return ready, marks, (after[0] - before[0]) * 1000, after[1] - before[1]
+    cpu_ms = {name: round((cpu_after[name] - cpu_before[name]) * 1000) for name in groups}
+    return ready, marks, (after[0] - before[0]) * 1000, after[1] - before[1], cpu_ms
 
 
 async def drive(chromium: str, dashboard: str, api_url: str, profile: Path,
-                ranges: list[int], rounds: int, only: frozenset[str]) -> list[Load]:
+                ranges: list[int], rounds: int, only: frozenset[str],
+                servers: dict[str, int]) -> list[Load]:
+    """`servers`: the dashboard's and the API's process groups, by side (SIDES)."""
     loads: list[Load] = []
     loaded_at: dict[str, float] = {}  # page -> when its last load ended (monotonic)
     async with browser(chromium, profile) as devtools:
+        groups = {"browser": devtools.pid, **servers}
         await devtools.call("Network.enable")
         script_id = ""
 
@@ -263,15 +299,15 @@ async def drive(chromium: str, dashboard: str, api_url: str, profile: Path,
             if kind != "warm":  # its reads must come from the API, not the cache
                 wait = loaded_at.get(page.name, 0.0) + READ_TTL_S + 0.5 - time.monotonic()
                 await asyncio.sleep(max(0.0, wait))
-            ready, marks, api_ms, calls = await load(
+            ready, marks, api_ms, calls, cpu_ms = await load(
                 devtools, url, api_url, reload=kind == "warm", clear=kind == "first",
-                page=page, switch=kind == "switch")
+                page=page, groups=groups, switch=kind == "switch")
             loaded_at[page.name] = time.monotonic()
             error = (f"Streamlit exception: {marks['exception']}" if "exception" in marks else
                      "" if ready is not None else
                      f"not ready in time (found: {marks.get('found')})")
             loads.append(Load(page.name, minutes, kind, number, ready, marks,
-                              round(api_ms, 1), calls, error))
+                              round(api_ms, 1), calls, error, cpu_ms))
             print(f"  {minutes:>5} min  round {number}  {page.name:<12} {kind:<6} "
                   f"{_ms(ready):>8}  {error}", flush=True)
 
@@ -309,7 +345,7 @@ def report(loads: list[Load], events: int, rounds: int, only: frozenset[str],
               "not in the tables): " + ", ".join(f"{ld.page} {_ms(ld.ready_ms)}"
                                                  for ld in started))
     for minutes in sorted({load.minutes for load in loads}):
-        rows = []
+        rows, cpu_rows = [], []
         for page in pages(only):
             row: dict[str, Any] = {"page": page.name, "minutes": minutes}
             cells: list[Any] = [page.name]
@@ -338,6 +374,8 @@ def report(loads: list[Load], events: int, rounds: int, only: frozenset[str],
                       "-" if medians["switch"] is None else
                       "yes" if row["switch_under_1s"] else "NO"]
             rows.append(cells)
+            cpu_rows.append([page.name, *(" / ".join(_ms(phase[f"cpu_{side}_ms"])
+                                                     for side in SIDES) for phase in phases)])
             summary.append(row)
         table(f"Rendered page load, last {minutes} min, {events:,} events ({rounds} rounds; "
               "first = cold browser cache, return = cached JS and fresh reads, warm = reload, "
@@ -346,6 +384,9 @@ def report(loads: list[Load], events: int, rounds: int, only: frozenset[str],
                "warm best", "warm median", "switch best", "switch median", "connected",
                "script", "api", "render", "api calls", "first & warm < 1 s", "return < 1 s",
                "switch < 1 s"], rows)
+        table(f"CPU time per load, last {minutes} min (medians; browser / dashboard / API "
+              "processes, from navigation to the page drawn)",
+              ["page", *KINDS], cpu_rows)
     print("\nconnected, script, api, render, api calls: medians, first load / return visit / "
           "warm reload / switch (see the docstring); a warm reload within the dashboard's 5 s "
           "read cache makes no API call; a switch keeps its document (no connected time)")
@@ -428,8 +469,9 @@ def main() -> int:
                     wait_http(f"{url}/_stcore/health", dash_child, dash_log, timeout=60)
                     if args.split_cpus:
                         os.sched_setaffinity(0, {BROWSER_CPU})
-                    loads = asyncio.run(drive(chromium, url, api_url, tmp / "profile", ranges,
-                                              args.rounds, only))
+                    loads = asyncio.run(drive(
+                        chromium, url, api_url, tmp / "profile", ranges, args.rounds, only,
+                        {"dashboard": dash_child.pid, "api": api_child.pid}))
         finally:
             os.sched_setaffinity(0, everything)
             redis.stop()
