@@ -180,7 +180,7 @@ def render(ctx: Context) -> None:
         for i, (column, title, percent) in enumerate(charts):
             grid[i % 2].vega_lite_chart(spec=series_chart(
                 data, column, title, windows, earlier if compare else None, label, percent),
-                width="stretch")
+                width="stretch", alt=f"{title} of {key}, {span.label(ctx.tz)}")
 
     rows = {"this window": totals(series["points"])}
     for name, code in (("a day earlier", "1d"), ("a week earlier", "1w")):
