@@ -67,9 +67,6 @@ def series_chart(data: pd.DataFrame, column: str, title: str, windows: pd.DataFr
                                             {"field": column, "type": "quantitative",
                                              "format": ".3~f"}]}})
     layers[0]["name"] = "zoomable"  # zoom and pan with the mouse, shared by every layer
-    # Drawn on a canvas, not as SVG: ~120 ms less browser CPU for Investigate's four charts on
-    # each load (docs/dashboard.md). The chart's accessible name is the `alt` it is shown with.
     return {"title": title, "height": 220, "datasets": datasets, "layer": layers,
-            "usermeta": {"embedOptions": {"renderer": "canvas"}},
             "params": [{"name": "zoom", "select": {"type": "interval", "encodings": ["x", "y"]},
                         "bind": "scales", "views": ["zoomable"]}]}
