@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -321,14 +321,15 @@ def _window(clauses: tuple[str, ...], prefix: str = "") -> str:
     return "(" + " AND ".join(clause.replace("{", "{" + prefix) for clause in clauses) + ")"
 
 
-def _windows(clauses: tuple[str, ...], rng: TimeRange, earlier: TimeRange | None
+def _windows(clauses: tuple[str, ...], rng: TimeRange, earlier: TimeRange | None,
+             bounds: Callable[[TimeRange], dict[str, int]] = TimeRange.params
              ) -> tuple[str, str, dict[str, Any]]:
     """The conditions of the range and of the earlier window (never true without one) and
-    their bound values."""
-    params: dict[str, Any] = dict(rng.params())
+    their bound values (`bounds` of each window)."""
+    params: dict[str, Any] = dict(bounds(rng))
     if earlier is None:
         return _window(clauses), _NO_WINDOW, params
-    params.update(_earlier(earlier.params()))
+    params.update(_earlier(bounds(earlier)))
     return _window(clauses), _window(clauses, _EARLIER), params
 
 
@@ -637,12 +638,8 @@ class Queries:
                                 compare: TimeRange | None) -> list[dict[str, Any]]:
         """The breakdown's rows from the hourly rollup (whole hours of each window) plus raw
         events (the partial hours at the windows' ends), in one query."""
-        params: dict[str, Any] = {**_hour_split(rng), **filters, "limit": limit}
-        hours_now, edges_now = _window(_HOURS), _window(_EDGES)
-        hours_then = edges_then = _NO_WINDOW
-        if compare is not None:
-            params.update(_earlier(_hour_split(compare)))
-            hours_then, edges_then = _window(_HOURS, _EARLIER), _window(_EDGES, _EARLIER)
+        hours_now, hours_then, windows = _windows(_HOURS, rng, compare, _hour_split)
+        edges_now, edges_then, _ = _windows(_EDGES, rng, compare, _hour_split)
         return await self.rows(
             "SELECT value, n, total, n_earlier, total_earlier FROM (SELECT value, "
             "sum(n_now) AS n, sum(sum(n_now)) OVER () AS total, sum(n_then) AS n_earlier, "
@@ -653,7 +650,8 @@ class Queries:
             f"UNION ALL SELECT {spec.value} AS value, {spec.requests_if(edges_now)} AS n_now, "
             f"{spec.requests_if(edges_then)} AS n_then FROM {spec.table} "
             f"WHERE {_where([*where, _either(edges_now, edges_then)])} GROUP BY value) "
-            "GROUP BY value) WHERE n > 0 ORDER BY n DESC, value LIMIT {limit:UInt32}", params)
+            "GROUP BY value) WHERE n > 0 ORDER BY n DESC, value LIMIT {limit:UInt32}",
+            {**windows, **filters, "limit": limit})
 
     async def client_windows(self, rng: TimeRange, route_id: str, method: str | None,
                              client: str, step_s: int) -> list[int]:
